@@ -1,0 +1,44 @@
+"""`python -m core`: the command-line face of the library.
+
+Each subcommand lives in its own module exposing `register(subparsers)`, which adds a parser
+whose `handler(args) -> int` does the work. Bad input: one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..errors import LabError
+from . import info_cmd, train_cmd
+
+COMMANDS = [info_cmd, train_cmd]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m core", description="Model Compression Lab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for mod in COMMANDS:
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        # library notices (a damaged cache entry, missing pretrained weights) go to stderr as one line
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"notice: {msg}", file=sys.stderr)
+        try:
+            return int(args.handler(args) or 0)
+        except LabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: the cache is as it was (finished epochs are kept for resuming)", file=sys.stderr)
+            return 130

@@ -1,0 +1,51 @@
+"""`train`: train (or reuse from the cache) a teacher and print its metrics."""
+from __future__ import annotations
+
+from ..datasets import load_dataset
+from ..models import DEFAULT_TEACHER, get_spec
+from ..teachers import TeacherSettings, get_teacher
+from ..training import TrainConfig
+from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
+
+
+def register(sub):
+    p = sub.add_parser("train", help="train or reuse a teacher")
+    add_data_args(p)
+    p.add_argument("--model", default=DEFAULT_TEACHER)
+    p.add_argument("--epochs", type=int_range(0, 500), default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int_range(2, 4096), default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float_range(0, 10, lo_open=True), default=TrainConfig.lr)
+    p.add_argument("--subset", type=int_range(0), default=0, help="train on this many images (0 = all)")
+    p.add_argument("--seed", type=int_range(0), default=0)
+    p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights when available")
+    p.set_defaults(handler=run)
+
+
+def teacher_summary(t) -> dict:
+    m = t.meta.get("metrics") or {}
+    return {"dataset": t.meta["dataset"], "dataset_label": t.meta.get("dataset_label"), "model": t.meta["model"],
+            "accuracy": m.get("accuracy"), "size_bytes": m.get("size_bytes"), "gzip_bytes": m.get("gzip_bytes"),
+            "params": m.get("params"), "macs": m.get("macs"), "latency_ms_b1": m.get("latency_ms_b1"),
+            "latency_ms_b64": m.get("latency_ms_b64"), "threads": m.get("threads"),
+            "history": t.meta.get("history", []), "cached": t.cached, "path": str(t.path),
+            "settings": t.meta.get("settings"), "eval_images": m.get("eval_images")}
+
+
+def run(args) -> int:
+    get_spec(args.model, "teacher")
+    data = load_dataset(args.dataset, args.data_root)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, subset=args.subset,
+                      seed=args.seed)
+    t = get_teacher(data, TeacherSettings(args.model, cfg, args.pretrained), device=args.device,
+                    progress=progress_for(args))
+    out = teacher_summary(t)
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"{t.meta['model']} on {data.label}: {'from cache' if t.cached else 'trained'} ({t.path})")
+    print(f"  accuracy   {out['accuracy']:.4f} on {out['eval_images']} test images")
+    print(f"  size       {human_bytes(out['size_bytes'])} (gzip {human_bytes(out['gzip_bytes'])})")
+    print(f"  params     {out['params']:,}   MACs {out['macs']:,}")
+    print(f"  latency    {out['latency_ms_b1']:.2f} ms (batch 1), {out['latency_ms_b64']:.1f} ms (batch 64), "
+          f"CPU, {out['threads']} threads")
+    return 0

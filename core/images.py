@@ -1,0 +1,56 @@
+"""Reading arbitrary image files into the lab's 32×32 RGB uint8 format, safely."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import LabError
+
+MAX_PIXELS = 40_000_000  # refuse decompression bombs well before they eat memory
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode (L, LA, P, RGBA, CMYK, I;16, F) to RGB; transparency goes on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def open_image(source) -> Image.Image:
+    """Open a path, bytes or file-like as RGB; LabError for non-images, truncation and bombs."""
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(source) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise LabError(f"image is too large ({img.width}×{img.height} pixels)")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except LabError:
+        raise
+    except Image.DecompressionBombError:
+        raise LabError("image is too large (refused as a possible decompression bomb)") from None
+    except Exception as exc:
+        raise LabError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def load_image_32(source) -> np.ndarray:
+    """Any image -> 3×32×32 uint8, resized with antialiasing (as the models see it)."""
+    img = open_image(source)
+    if img.size != (32, 32):
+        img = img.resize((32, 32), Image.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()

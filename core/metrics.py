@@ -1,0 +1,187 @@
+"""Metrics measured the same way for every model: accuracy, size, parameters, MACs, CPU latency."""
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- accuracy
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-1 accuracy from predicted labels (or logits) and targets, as a fraction."""
+    if pred.ndim == 2:
+        pred = pred.argmax(1)
+    return float((pred == target).float().mean()) if len(target) else float("nan")
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """cm[true, predicted] counts."""
+    if pred.ndim == 2:
+        pred = pred.argmax(1)
+    flat = target.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
+    cm = confusion_matrix(pred, target, num_classes)
+    totals = cm.sum(1)
+    return [float(cm[i, i] / totals[i]) if totals[i] else float("nan") for i in range(num_classes)]
+
+
+# ----------------------------------------------------------------------------- size and counts
+def serialized_bytes(model_or_state) -> bytes:
+    """The model as shipped: its state dict saved with torch.save."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def size_report(model_or_state) -> dict:
+    raw = serialized_bytes(model_or_state)
+    return {"size_bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, compresslevel=6))}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> int:
+    """Multiply-accumulates for one image (torch-pruning's counter)."""
+    import torch_pruning as tp
+    m = copy.deepcopy(model).cpu().float().eval()
+    macs, _ = tp.utils.count_ops_and_params(m, torch.zeros(input_size))
+    return int(macs)
+
+
+# ----------------------------------------------------------------------------- latency
+@dataclass
+class Latency:
+    batch_size: int
+    median_ms: float
+    p95_ms: float
+    threads: int
+    runs: int
+    runtime: str = "pytorch-eager"
+    times_ms: list = field(default_factory=list, repr=False)
+
+
+def _timer(fn, x, threads: int):
+    from torch.utils import benchmark
+    return benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
+
+
+def _as_callable(model):
+    if isinstance(model, nn.Module):
+        model = model.eval()
+
+        def run(x):
+            with torch.inference_mode():
+                return model(x)
+        return run
+    return model  # already a callable (e.g. an ONNX Runtime session wrapper)
+
+
+def default_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def latency_input(batch_size: int, channels_last: bool = True, dtype=torch.float32) -> torch.Tensor:
+    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def measure_latency(model, batch_size: int = 1, repeats: int = 20, warmup: int = 3,
+                    threads: int | None = None, x: torch.Tensor | None = None,
+                    runtime: str = "pytorch-eager") -> Latency:
+    """CPU latency: warm-up calls, then median and p95 of `repeats` timed calls (torch.utils.benchmark)."""
+    threads = threads or default_threads()
+    fn = _as_callable(model)
+    x = latency_input(batch_size) if x is None else x
+    timer = _timer(fn, x, threads)
+    timer.timeit(warmup)
+    times = [timer.timeit(1).median * 1000 for _ in range(repeats)]
+    return Latency(batch_size, statistics.median(times), _p95(times), threads, repeats, runtime, times)
+
+
+def compare_latency(model_a, model_b, batch_size: int = 1, rounds: int = 20, warmup: int = 3,
+                    threads: int | None = None, x_a=None, x_b=None) -> tuple[Latency, Latency, float]:
+    """Time two models interleaved (A, B, A, B, ...) so drift hits both; returns (a, b, a/b speedup)."""
+    threads = threads or default_threads()
+    xa = latency_input(batch_size) if x_a is None else x_a
+    xb = latency_input(batch_size) if x_b is None else x_b
+    ta, tb = _timer(_as_callable(model_a), xa, threads), _timer(_as_callable(model_b), xb, threads)
+    ta.timeit(warmup)
+    tb.timeit(warmup)
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        times_a.append(ta.timeit(1).median * 1000)
+        times_b.append(tb.timeit(1).median * 1000)
+    a = Latency(batch_size, statistics.median(times_a), _p95(times_a), threads, rounds, times_ms=times_a)
+    b = Latency(batch_size, statistics.median(times_b), _p95(times_b), threads, rounds, times_ms=times_b)
+    return a, b, a.median_ms / b.median_ms
+
+
+def _p95(times: list[float]) -> float:
+    s = sorted(times)
+    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+
+
+# ----------------------------------------------------------------------------- one report
+@dataclass
+class ModelMetrics:
+    accuracy: float
+    size_bytes: int
+    gzip_bytes: int
+    params: int
+    nonzero_params: int
+    macs: int
+    latency_ms_b1: float
+    latency_p95_ms_b1: float
+    latency_ms_b64: float
+    latency_p95_ms_b64: float
+    threads: int
+    latency_runtime: str = "pytorch-eager"
+    eval_images: int = 0
+    per_class_accuracy: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)   # technique-specific numbers (e.g. packed bits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelMetrics":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def latency_pair(model, repeats_b1: int = 15, repeats_b64: int = 5, threads: int | None = None) -> dict:
+    """Batch-1 and batch-64 CPU latency, in the report's field names."""
+    l1 = measure_latency(model, 1, repeats=repeats_b1, threads=threads)
+    l64 = measure_latency(model, 64, repeats=repeats_b64, warmup=1, threads=threads)
+    return {"latency_ms_b1": l1.median_ms, "latency_p95_ms_b1": l1.p95_ms,
+            "latency_ms_b64": l64.median_ms, "latency_p95_ms_b64": l64.p95_ms, "threads": l1.threads}
+
+
+def report(model: nn.Module, data, eval_size: int = 1000, device: str = "cpu",
+           latency: bool = True, repeats_b1: int = 15, repeats_b64: int = 5) -> ModelMetrics:
+    """Everything the lab shows about one model: accuracy on the fixed eval subset, size, counts, latency."""
+    from .training import predict_logits
+    x, y = data.eval_split(eval_size)
+    logits = predict_logits(model, data, x, device)
+    model_cpu = model.to("cpu").eval()
+    lat = latency_pair(model_cpu, repeats_b1, repeats_b64) if latency else {
+        "latency_ms_b1": float("nan"), "latency_p95_ms_b1": float("nan"),
+        "latency_ms_b64": float("nan"), "latency_p95_ms_b64": float("nan"), "threads": default_threads()}
+    return ModelMetrics(accuracy=accuracy(logits, y), **size_report(model_cpu),
+                        params=count_params(model_cpu), nonzero_params=count_nonzero_params(model_cpu),
+                        macs=count_macs(model_cpu), eval_images=len(y),
+                        per_class_accuracy=per_class_accuracy(logits, y, data.num_classes), **lat)

@@ -1,0 +1,216 @@
+"""The one entry point for compression: validated config in, `ExperimentResult` out.
+
+The same request (dataset, teacher weights, technique, parameters, evaluation size) is
+computed once: a per-key file lock makes a second caller - another process, another app
+session - wait and then read the stored result instead of recomputing it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import cache, metrics, settings
+from .datasets import DEFAULT_DATASET, load_dataset
+from .errors import InvalidParameter, LabError
+from .models import DEFAULT_TEACHER, get_spec
+from .progress import ProgressFn, emit
+from .results import ExperimentResult, ResultStore
+from .teachers import Teacher, TeacherSettings, get_teacher, latest_teacher
+from .techniques import Context, get_technique
+from .training import TrainConfig, predict_logits
+
+RUNNER_VERSION = 1
+
+
+@dataclass
+class ExperimentConfig:
+    dataset: str = DEFAULT_DATASET
+    model: str = DEFAULT_TEACHER
+    technique: str = "quantize"
+    params: dict = field(default_factory=dict)
+    eval_size: int = 1000            # 0 = the full test set
+    data_root: str | None = None
+    device: str | None = None
+    teacher_train: TrainConfig | None = None   # None: the newest cached teacher, else the default recipe
+
+    def validate(self) -> "ExperimentConfig":
+        """Check names and every parameter before any work; returns a normalised copy."""
+        get_spec(self.model, "teacher")
+        spec = get_technique(self.technique)
+        if not isinstance(self.eval_size, int) or isinstance(self.eval_size, bool) or self.eval_size < 0:
+            raise InvalidParameter("eval_size", self.eval_size, "0 (full test set) or a positive integer")
+        if self.device and self.device not in settings.available_devices():
+            raise InvalidParameter("device", self.device, "one of " + ", ".join(settings.available_devices()))
+        from .datasets import is_dataset_name, dataset_names
+        if not is_dataset_name(self.dataset):
+            raise LabError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(dataset_names())}")
+        return ExperimentConfig(self.dataset, self.model, self.technique, spec.validate(self.params),
+                                self.eval_size, self.data_root, self.device, self.teacher_train)
+
+
+def resolve_teacher(cfg: ExperimentConfig, progress: ProgressFn = None, data=None) -> Teacher:
+    """The cached teacher for (dataset, model): the newest one `train` made, else train the default."""
+    data = data or load_dataset(cfg.dataset, cfg.data_root)
+    if cfg.teacher_train is None:
+        t = latest_teacher(data, cfg.model)
+        if t is not None:
+            return t
+        emit(progress, stage="train", kind="message",
+             message=f"no cached {cfg.model} teacher for {data.label}: training one with the default recipe")
+    return get_teacher(data, TeacherSettings(cfg.model, cfg.teacher_train or TrainConfig()),
+                       device=cfg.device, progress=progress)
+
+
+def result_key(cfg: ExperimentConfig, teacher: Teacher, data) -> str:
+    spec = get_technique(cfg.technique)
+    return cache.stable_hash({"dataset": data.fingerprint, "teacher": teacher.meta.get("sha256"),
+                              "technique": cfg.technique, "version": spec.version, "runner": RUNNER_VERSION,
+                              "params": cfg.params, "eval_size": cfg.eval_size}, 16)
+
+
+def compressed_path(key: str) -> Path:
+    return settings.cache_dir() / "compressed" / f"{key}.pt"
+
+
+@contextlib.contextmanager
+def key_lock(key: str):
+    lock_dir = settings.cache_dir() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def baseline_metrics(teacher: Teacher, data, eval_size: int, progress: ProgressFn = None) -> dict:
+    """The teacher's metrics on this evaluation subset, computed once per teacher and subset."""
+    path = settings.cache_dir() / "baselines" / f"{teacher.meta.get('sha256', 'x')[:16]}-{eval_size}.json"
+    if path.exists():
+        try:
+            import json
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    emit(progress, stage="evaluate", kind="message", message="measuring the teacher (baseline)")
+    rep = metrics.report(teacher.model, data, eval_size).to_dict()
+    cache.atomic_write_json(rep, path)
+    return rep
+
+
+def evaluate_output(out, data, eval_size: int) -> dict:
+    """Metrics of a technique's output, measured the same way as the baseline."""
+    x, y = data.eval_split(eval_size)
+    model = out.model
+    logits = _predict(model, data, x, out.eval_device, out.input_dtype)
+    lat_in1 = metrics.latency_input(1).to(out.input_dtype)
+    lat_in64 = metrics.latency_input(64).to(out.input_dtype)
+    l1 = metrics.measure_latency(model, 1, repeats=15, x=lat_in1, runtime=out.runtime)
+    l64 = metrics.measure_latency(model, 64, repeats=5, warmup=1, x=lat_in64, runtime=out.runtime)
+    size = metrics.size_report(out.state)
+    rep = metrics.ModelMetrics(
+        accuracy=metrics.accuracy(logits, y),
+        size_bytes=out.size_bytes if out.size_bytes is not None else size["size_bytes"],
+        gzip_bytes=out.gzip_bytes if out.gzip_bytes is not None else size["gzip_bytes"],
+        params=out.params if out.params is not None else metrics.count_params(model),
+        nonzero_params=out.nonzero_params if out.nonzero_params is not None else metrics.count_nonzero_params(model),
+        macs=out.macs if out.macs is not None else metrics.count_macs(model),
+        latency_ms_b1=l1.median_ms, latency_p95_ms_b1=l1.p95_ms, latency_ms_b64=l64.median_ms,
+        latency_p95_ms_b64=l64.p95_ms, threads=l1.threads, latency_runtime=out.runtime,
+        eval_images=len(y), per_class_accuracy=metrics.per_class_accuracy(logits, y, data.num_classes),
+        extra=dict(out.extra, file_bytes=size["size_bytes"]))
+    return rep.to_dict()
+
+
+def _predict(model, data, x, device, dtype):
+    model = model.to(device) if device != "cpu" else model
+    if dtype == torch.float32:
+        return predict_logits(model, data, x, device)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), 256):
+            xb = data.normalize(x[i:i + 256].to(device)).to(dtype).contiguous(memory_format=torch.channels_last)
+            out.append(model(xb).float().cpu())
+    return torch.cat(out)
+
+
+def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
+                   store: ResultStore | None = None) -> ExperimentResult:
+    """Validate, get the teacher, apply the technique to a copy, measure, save, store."""
+    cfg = cfg.validate()
+    store = store or ResultStore()
+    spec = get_technique(cfg.technique)
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    teacher = resolve_teacher(cfg, progress, data)
+    key = result_key(cfg, teacher, data)
+    hit = _cached_result(store, key)
+    if hit is not None:
+        return hit
+    with key_lock(key):
+        hit = _cached_result(store, key)   # another process may have finished it while we waited
+        if hit is not None:
+            return hit
+        timings = {"teacher_s": time.perf_counter() - t0}
+        device = cfg.device or settings.default_device()
+        ctx = Context(teacher=teacher, data=data, params=cfg.params, device=device, progress=progress,
+                      eval_size=cfg.eval_size)
+        t1 = time.perf_counter()
+        baseline = baseline_metrics(teacher, data, cfg.eval_size, progress)
+        timings["baseline_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        emit(progress, stage=cfg.technique, kind="message", message=f"applying {spec.title}")
+        out = spec.apply(ctx)
+        timings["apply_s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        emit(progress, stage="evaluate", kind="message", message="measuring the compressed model")
+        compressed = evaluate_output(out, data, cfg.eval_size)
+        if out.baseline_model is not None:
+            # the baseline is re-timed in the compressed model's runtime, so the ratio compares like with like
+            lat = metrics.latency_pair(out.baseline_model)
+            baseline = dict(baseline, **lat, latency_runtime=out.runtime)
+        timings["evaluate_s"] = time.perf_counter() - t1
+        path = compressed_path(key)
+        cache.save_entry(path, out.state, {"kind": "compressed", "key": key, "technique": cfg.technique,
+                                           "params": cfg.params, "dataset": data.name, "model": cfg.model,
+                                           "teacher_path": str(teacher.path),
+                                           "teacher_sha256": teacher.meta.get("sha256")})
+        result = ExperimentResult(
+            key=key, dataset=data.name, dataset_label=data.label, model=cfg.model, technique=cfg.technique,
+            params=cfg.params, baseline=baseline, compressed=compressed, eval_images=compressed["eval_images"],
+            seconds=time.perf_counter() - t0, timings=timings, history=out.history, scratch=out.scratch,
+            scratch_history=out.scratch_history, model_path=str(path), teacher_path=str(teacher.path),
+            runtime=out.runtime, notes=out.notes)
+        store.add(result)
+        emit(progress, stage=cfg.technique, kind="done")
+        return result
+
+
+def _cached_result(store: ResultStore, key: str) -> ExperimentResult | None:
+    r = store.get(key)
+    if r is None or not Path(r.model_path).exists():
+        return None
+    r.cached = True
+    return r
+
+
+def load_compressed(result: ExperimentResult, progress: ProgressFn = None):
+    """Rebuild a result's compressed model from the cache (weights_only), for predictions and upload."""
+    spec = get_technique(result.technique)
+    meta = cache.read_sidecar(Path(result.model_path))
+    if meta is None:
+        raise LabError(f"compressed model {result.model_path} is missing; run the experiment again")
+    state = cache.load_state(Path(result.model_path), meta)
+    from .teachers import load_teacher_file
+    teacher = load_teacher_file(Path(result.teacher_path))
+    if teacher is None:
+        raise LabError(f"teacher {result.teacher_path} is missing or damaged; run the experiment again")
+    data = load_dataset(result.dataset)
+    ctx = Context(teacher=teacher, data=data, params=result.params, progress=progress)
+    return spec.load(state, ctx)

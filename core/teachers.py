@@ -1,0 +1,148 @@
+"""Teachers: train (resumably) or load from the cache, keyed by dataset, model and settings."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import cache, metrics
+from .datasets import DataBundle, load_dataset
+from .errors import CorruptCacheEntry, LabError
+from .models import build_model, get_spec
+from .progress import ProgressFn, emit
+from .training import TrainConfig, fit
+
+RECIPE_VERSION = 1  # bump when the training loop changes what a given config produces
+
+
+@dataclass
+class TeacherSettings:
+    model: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrained: bool = False
+
+    def key_dict(self, data: DataBundle) -> dict:
+        return {"dataset": data.fingerprint, "model": self.model, "pretrained": self.pretrained,
+                "train": self.train.key(), "recipe": RECIPE_VERSION}
+
+    def key(self, data: DataBundle) -> str:
+        return cache.stable_hash(self.key_dict(data))
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    meta: dict                 # the cache sidecar: settings, history, metrics, checksum...
+    path: Path
+    cached: bool               # served from the cache rather than trained now
+
+    @property
+    def name(self) -> str:
+        return self.meta["model"]
+
+
+def weights_path(data: DataBundle, s: TeacherSettings) -> Path:
+    return cache.teacher_dir(data.fingerprint, s.model) / f"{s.key(data)}.pt"
+
+
+def _rebuild(meta: dict, state: dict) -> nn.Module:
+    model = build_model(meta["model"], meta["num_classes"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CorruptCacheEntry(f"cached weights do not fit {meta['model']}: {str(exc)[:120]}") from None
+    return model.eval()
+
+
+def load_teacher_file(path: Path) -> Teacher | None:
+    """Load a finished cache entry; a damaged one is reported (with its path) and gives None."""
+    meta = cache.read_sidecar(path)
+    if meta is None:
+        return None
+    try:
+        model = _rebuild(meta, cache.load_state(path, meta))
+    except CorruptCacheEntry as exc:
+        cache.report_corrupt(path, str(exc))
+        return None
+    return Teacher(model, meta, Path(path), cached=True)
+
+
+def find_teacher(data: DataBundle, s: TeacherSettings) -> Teacher | None:
+    return load_teacher_file(weights_path(data, s))
+
+
+def latest_teacher(data: DataBundle, model: str) -> Teacher | None:
+    """The newest finished teacher of this dataset and model, whatever its settings."""
+    folder = cache.teacher_dir(data.fingerprint, model)
+    if not folder.exists():
+        return None
+    metas = []
+    for side in folder.glob("*.json"):
+        meta = cache.read_sidecar(side.with_suffix(".pt"))
+        if meta is not None:
+            metas.append((meta.get("created_ts", 0), side.with_suffix(".pt")))
+    for _, path in sorted(metas, reverse=True):
+        t = load_teacher_file(path)
+        if t is not None:
+            return t
+    return None
+
+
+def get_teacher(dataset: str | DataBundle, s: TeacherSettings, *, device: str | None = None,
+                progress: ProgressFn = None, data_root=None, measure: bool = True,
+                train_if_missing: bool = True) -> Teacher:
+    """Serve the teacher from the cache, or train it (resuming an interrupted run) and cache it."""
+    from .settings import default_device
+    data = dataset if isinstance(dataset, DataBundle) else load_dataset(dataset, data_root)
+    get_spec(s.model, "teacher")
+    s.train.validate()
+    found = find_teacher(data, s)
+    if found is not None:
+        return found
+    if not train_if_missing:
+        raise LabError(f"no cached {s.model} teacher for {data.label}; train one first")
+    device = device or default_device()
+    path = weights_path(data, s)
+    partial = path.with_suffix(".partial.pt")
+    notices: list[str] = []
+    model = build_model(s.model, data.num_classes, pretrained=s.pretrained, notices=notices)
+    for n in notices:
+        emit(progress, stage="train", kind="message", message=n)
+    start, history, opt_state = 0, [], None
+    if partial.exists():
+        try:
+            ck = torch.load(partial, map_location="cpu", weights_only=True)
+            model.load_state_dict(ck["model"])
+            start, history, opt_state = int(ck["epoch"]), list(ck["history"]), ck["optimizer"]
+            emit(progress, stage="train", kind="message",
+                 message=f"resuming {s.model} from epoch {start} of {s.train.epochs}")
+        except Exception:
+            cache.report_corrupt(partial, "unreadable checkpoint")
+            model = build_model(s.model, data.num_classes, pretrained=s.pretrained)
+
+    def checkpoint(epoch, m, opt, hist):
+        if epoch < s.train.epochs:  # the final epoch becomes the finished entry instead
+            state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+            cache.atomic_torch_save({"model": state, "optimizer": opt.state_dict(), "epoch": epoch,
+                                     "history": hist}, partial)
+
+    history = fit(model, data, s.train, device=device, progress=progress, stage="train",
+                  start_epoch=start, history=history, optimizer_state=opt_state, on_epoch_end=checkpoint)
+    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    emit(progress, stage="evaluate", kind="message", message="measuring accuracy, size and latency")
+    report = metrics.report(model, data, eval_size=0, latency=measure) if measure else None
+    meta = {"kind": "teacher", "dataset": data.name, "dataset_label": data.label,
+            "dataset_fingerprint": data.fingerprint, "model": s.model, "num_classes": data.num_classes,
+            "classes": data.classes, "settings": s.key_dict(data), "history": history,
+            "metrics": report.to_dict() if report else None, "device": device,
+            "train_seconds": sum(h["seconds"] for h in history)}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = cache.save_entry(path, state, meta)
+    try:
+        os.unlink(partial)
+    except OSError:
+        pass
+    return Teacher(model, meta, path, cached=False)

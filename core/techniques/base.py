@@ -1,0 +1,123 @@
+"""What every compression technique provides, so one runner can drive them all.
+
+A technique module defines a `TechniqueSpec`: its parameters (with ranges, so the CLI and
+the app's sliders come from one list), `apply(ctx) -> TechniqueOutput`, and
+`load(state, ctx) -> nn.Module` to rebuild a saved compressed model without unpickling code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import InvalidParameter
+from ..progress import ProgressFn
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str                       # "int" | "float" | "choice" | "bool" | "str"
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    help: str = ""
+    step: float | None = None       # slider step in the app
+
+    def valid_range(self) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind in ("int", "float"):
+            return f"{'an integer' if self.kind == 'int' else 'a number'} from {self.low} to {self.high}"
+        return "text"
+
+    def coerce(self, value):
+        """Validate and normalise one value; InvalidParameter names the parameter and its range."""
+        try:
+            if self.kind == "int":
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                v = int(value)
+            elif self.kind == "float":
+                v = float(value)
+                if math.isnan(v):
+                    raise ValueError
+            elif self.kind == "bool":
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    v = value.lower() in ("true", "1", "yes")
+                else:
+                    v = bool(value)
+            elif self.kind == "choice":
+                v = value
+                if v not in self.choices:
+                    raise ValueError
+            else:
+                v = str(value)
+        except (TypeError, ValueError):
+            raise InvalidParameter(self.name, value, self.valid_range()) from None
+        if self.kind in ("int", "float") and not (self.low <= v <= self.high):
+            raise InvalidParameter(self.name, value, self.valid_range())
+        return v
+
+
+@dataclass
+class Context:
+    """Everything a technique may use. The teacher model must not be modified: copy it."""
+    teacher: Any                    # core.teachers.Teacher
+    data: Any                       # core.datasets.DataBundle
+    params: dict
+    device: str = "cpu"
+    progress: ProgressFn = None
+    eval_size: int = 1000
+
+
+@dataclass
+class TechniqueOutput:
+    model: nn.Module                          # the compressed model, on the CPU, eval mode
+    state: dict                               # saved with torch.save; must load with weights_only=True
+    input_dtype: torch.dtype = torch.float32  # what the model takes (fp16 mode: torch.half)
+    eval_device: str = "cpu"                  # where its accuracy is measured (int8: CPU only)
+    size_bytes: Optional[int] = None          # override of the shipped size (e.g. packed low-bit weights)
+    gzip_bytes: Optional[int] = None
+    macs: Optional[int] = None                # override when the counter cannot run (quantized modules)
+    params: Optional[int] = None
+    nonzero_params: Optional[int] = None
+    runtime: str = "pytorch-eager"            # where latency was measured
+    baseline_model: Optional[nn.Module] = None  # a baseline timed in the same runtime, if not the teacher
+    extra: dict = field(default_factory=dict)   # technique-specific numbers (sparse bytes, bits...)
+    history: list = field(default_factory=list)  # per-epoch rows when training happened
+    scratch: Optional[dict] = None               # distillation: the from-scratch student's metrics
+    scratch_history: list = field(default_factory=list)
+    notes: list = field(default_factory=list)    # what the user should know (e.g. a failed conversion)
+
+
+@dataclass
+class TechniqueSpec:
+    name: str
+    title: str
+    summary: str                     # two sentences for the app's home page
+    params: list[ParamSpec]
+    apply: Callable[[Context], TechniqueOutput]
+    load: Callable[[dict, Context], nn.Module]
+    check: Optional[Callable[[dict], None]] = None   # cross-parameter checks after coercion
+    version: int = 1                 # bump to invalidate cached results when apply() changes
+
+    def validate(self, params: dict | None) -> dict:
+        params = dict(params or {})
+        known = {p.name for p in self.params}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InvalidParameter(unknown[0], params[unknown[0]],
+                                   f"a parameter of {self.name} ({', '.join(sorted(known))})")
+        out = {p.name: p.coerce(params.get(p.name, p.default)) for p in self.params}
+        if self.check:
+            self.check(out)
+        return out

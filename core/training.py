@@ -1,0 +1,175 @@
+"""The one training loop: teacher training, fine-tuning after pruning, and distillation.
+
+Data stays in memory as uint8; augmentation (random crop with 4-pixel padding, optional
+horizontal flip) runs on whole batches as tensor ops, which is much faster on a CPU than
+per-image PIL transforms. SGD with Nesterov momentum, a one-cycle schedule and label smoothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .datasets import DataBundle
+from .errors import InvalidParameter
+from .progress import ProgressFn, emit
+
+# loss hook: (logits, targets, sample indices into the training set) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.1               # peak learning rate of the one-cycle schedule
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    subset: int = 0               # 0 = the whole training set
+    seed: int = 0
+    warmup_fraction: float = 0.25
+    augment: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if not (isinstance(self.epochs, int) and 0 <= self.epochs <= 500):
+            raise InvalidParameter("epochs", self.epochs, "an integer from 0 to 500")
+        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096):
+            raise InvalidParameter("batch_size", self.batch_size, "an integer from 1 to 4096")
+        if not (0 < self.lr <= 10):
+            raise InvalidParameter("lr", self.lr, "a number in (0, 10]")
+        if not (isinstance(self.subset, int) and self.subset >= 0):
+            raise InvalidParameter("subset", self.subset, "0 (all) or a positive number of images")
+        if not (0 <= self.label_smoothing < 1):
+            raise InvalidParameter("label_smoothing", self.label_smoothing, "in [0, 1)")
+        return self
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+def training_indices(data: DataBundle, cfg: TrainConfig) -> torch.Tensor:
+    """The training images used (a fixed stratified subset when cfg.subset is set)."""
+    from .datasets import stratified_subset
+    return stratified_subset(data.train_y, cfg.subset, seed=cfg.seed + 99) if cfg.subset else torch.arange(len(data.train_y))
+
+
+def augment_batch(x: torch.Tensor, flip: bool, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding) and optional horizontal flip on a uint8 batch, as tensor ops."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if flip:
+        mask = torch.rand(b, generator=gen) < 0.5
+        out[mask] = out[mask].flip(3)
+    return out
+
+
+def one_cycle_lr(step: int, total: int, peak: float, warmup_fraction: float) -> float:
+    warm = max(1, int(total * warmup_fraction))
+    if step < warm:
+        return peak * (0.04 + 0.96 * step / warm)
+    frac = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * frac)) + 1e-5
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, data: DataBundle, x_uint8: torch.Tensor, device: str = "cpu",
+                   batch_size: int = 256) -> torch.Tensor:
+    """Logits for a uint8 batch of any length, computed in chunks on `device` (returned on CPU)."""
+    model.eval()
+    out = []
+    for i in range(0, len(x_uint8), batch_size):
+        xb = data.normalize(x_uint8[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        out.append(model(xb).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, data.num_classes)
+
+
+def evaluate_accuracy(model, data: DataBundle, x, y, device="cpu") -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float((predict_logits(model, data, x, device).argmax(1) == y).float().mean())
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "cpu",
+        loss_fn: Optional[LossFn] = None, progress: ProgressFn = None, stage: str = "train",
+        eval_size: int = 1000, start_epoch: int = 0, history: list | None = None,
+        optimizer_state: dict | None = None,
+        on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer, list], None]] = None) -> list[dict]:
+    """Train `model` in place; return per-epoch history rows.
+
+    `loss_fn` replaces the default label-smoothed cross-entropy (distillation passes its KD loss).
+    `on_epoch_end` lets the caller checkpoint (resumable training); `start_epoch`, `history`
+    and `optimizer_state` resume from such a checkpoint.
+    """
+    cfg.validate()
+    history = list(history or [])
+    model.to(device).to(memory_format=torch.channels_last)
+    idx_all = training_indices(data, cfg)
+    n = len(idx_all)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total_steps = steps_per_epoch * max(cfg.epochs, 1)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=0.9, nesterov=True)
+    if optimizer_state:
+        opt.load_state_dict(optimizer_state)
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = loss_fn or (lambda logits, y, _idx: ce(logits, y))
+    val_x, val_y = data.eval_split(eval_size)
+    x_train, y_train = data.train_x, data.train_y
+
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        order = idx_all[torch.randperm(n, generator=gen)]
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        emit(progress, stage=stage, kind="start", step=0, total=steps_per_epoch, epoch=epoch + 1, epochs=cfg.epochs)
+        for s in range(steps_per_epoch):
+            bidx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if len(bidx) < 2:  # batch norm needs two samples
+                continue
+            xb = x_train[bidx]
+            if cfg.augment:
+                xb = augment_batch(xb, data.flip, gen)
+            xb = data.normalize(xb.to(device)).contiguous(memory_format=torch.channels_last)
+            yb = y_train[bidx].to(device)
+            for g in opt.param_groups:
+                g["lr"] = one_cycle_lr(epoch * steps_per_epoch + s, total_steps, cfg.lr, cfg.warmup_fraction)
+            logits = model(xb)
+            loss = loss_fn(logits, yb, bidx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(bidx)
+            correct += int((logits.detach().argmax(1) == yb).sum())
+            seen += len(bidx)
+            emit(progress, stage=stage, kind="batch", step=s + 1, total=steps_per_epoch,
+                 epoch=epoch + 1, epochs=cfg.epochs)
+        train_seconds = time.perf_counter() - t0
+        val_acc = evaluate_accuracy(model, data, val_x, val_y, device)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+               "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,
+               "seconds": train_seconds, "images_per_second": seen / max(train_seconds, 1e-9)}
+        history.append(row)
+        emit(progress, stage=stage, kind="epoch", step=steps_per_epoch, total=steps_per_epoch,
+             epoch=epoch + 1, epochs=cfg.epochs, metrics=row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model, opt, history)
+    model.eval()
+    emit(progress, stage=stage, kind="done")
+    return history
