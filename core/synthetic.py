@@ -11,6 +11,7 @@ import numpy as np
 CLASSES = ["disc", "ring", "square", "frame", "triangle",
            "plus", "x-cross", "diamond", "ellipse", "two-dots"]
 SIZE = 32
+VERSION = 2  # bump whenever generate() changes: it names the cached tensors and cache keys
 
 
 def _sdf(cls: int, u, v, r):
@@ -49,6 +50,18 @@ def _sdf(cls: int, u, v, r):
     raise ValueError(cls)
 
 
+def _hsv_to_rgb(h, s, v):
+    i = np.floor(h * 6).astype(int) % 6
+    f = h * 6 - np.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = np.zeros((len(h), 3))
+    for k, (r, g, b) in enumerate(table):
+        m = i == k
+        out[m] = np.stack([r[m], g[m], b[m]], 1)
+    return out
+
+
 def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (images uint8 N×3×32×32, labels int64 N), balanced over the 10 classes."""
     rng = np.random.default_rng(seed)
@@ -69,7 +82,10 @@ def generate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         sdf[idx] = _sdf(c, u[idx], v[idx], r[idx])
     alpha = np.clip(sdf * 1.2 + 0.5, 0, 1)[:, None]
 
-    fg = rng.uniform(0, 1, (n, 3))
+    # foreground hue leans towards a class colour (neighbouring classes overlap), so networks pick
+    # up a cue at once and must learn the shapes to go past it
+    hue = (labels / len(CLASSES) + rng.normal(0, 0.07, n)) % 1.0
+    fg = _hsv_to_rgb(hue, rng.uniform(0.45, 1, n), rng.uniform(0.45, 1, n))
     direction = rng.normal(size=(n, 3))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     hard = rng.uniform(size=(n, 1)) < 0.15   # a hard tail keeps the best teacher below 100%
