@@ -5,8 +5,10 @@ sized for the dataset; 32×32 input works because every one ends in adaptive poo
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -156,6 +158,10 @@ def _load_imagenet(model: nn.Module, tv_name: str, notices: list | None) -> bool
     import socket
     try:
         weights = torchvision.models.get_model_weights(tv_name).DEFAULT
+        if os.environ.get("COMPRESSION_LAB_OFFLINE"):
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            if not cached.exists():
+                raise FileNotFoundError(f"{cached} (downloads are off: COMPRESSION_LAB_OFFLINE)")
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:

@@ -1,0 +1,85 @@
+"""`compress`: run one technique on the cached teacher and print before/after metrics."""
+from __future__ import annotations
+
+from ..runner import ExperimentConfig, run_experiment
+from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
+
+
+def register(sub):
+    p = sub.add_parser("compress", help="prune, quantize or distill the cached teacher")
+    add_data_args(p)
+    p.add_argument("--model", default="resnet34", help="the teacher (its newest cached version; trained if none)")
+    p.add_argument("--technique", required=True, choices=["prune", "quantize", "distill"])
+    g = p.add_argument_group("prune")
+    g.add_argument("--ratio", type=float_range(0, 0.95))
+    g.add_argument("--method", choices=["structured", "unstructured"])
+    g.add_argument("--scope", choices=["layer", "global"])
+    g.add_argument("--importance")
+    g.add_argument("--finetune-epochs", type=int_range(0, 50))
+    g.add_argument("--finetune-subset", type=int_range(0))
+    g = p.add_argument_group("quantize")
+    g.add_argument("--mode", choices=["fake", "int8", "fp16", "bf16"])
+    g.add_argument("--bits", type=int_range(1, 16))
+    g.add_argument("--granularity", choices=["per_channel", "per_tensor"])
+    g.add_argument("--activations", action="store_true", default=None)
+    g = p.add_argument_group("distill")
+    g.add_argument("--student")
+    g.add_argument("--temperature", type=float_range(1, 20))
+    g.add_argument("--alpha", type=float_range(0, 1))
+    g.add_argument("--epochs", type=int_range(1, 200))
+    g.add_argument("--subset", type=int_range(0))
+    p.add_argument("--eval-size", type=int_range(0), default=1000, help="test images (0 = the full test set)")
+    p.set_defaults(handler=run)
+
+
+TECHNIQUE_FLAGS = {
+    "prune": ["ratio", "method", "scope", "importance", "finetune_epochs", "finetune_subset"],
+    "quantize": ["mode", "bits", "granularity", "activations"],
+    "distill": ["student", "temperature", "alpha", "epochs", "subset"],
+}
+
+
+def params_from_args(args) -> dict:
+    """Only the flags that belong to the technique and were given; a foreign flag is an error."""
+    from ..errors import LabError
+    params = {}
+    for tech, names in TECHNIQUE_FLAGS.items():
+        for n in names:
+            v = getattr(args, n, None)
+            if v is None:
+                continue
+            if tech != args.technique:
+                raise LabError(f"--{n.replace('_', '-')} belongs to --technique {tech}, not {args.technique}")
+            params[n] = v
+    return params
+
+
+def run(args) -> int:
+    cfg = ExperimentConfig(dataset=args.dataset, model=args.model, technique=args.technique,
+                           params=params_from_args(args), eval_size=args.eval_size,
+                           data_root=args.data_root, device=args.device)
+    result = run_experiment(cfg, progress=progress_for(args))
+    if args.json:
+        print_json(result.summary())
+        return 0
+    print_result(result)
+    return 0
+
+
+def print_result(r) -> None:
+    b, c = r.baseline, r.compressed
+    print(f"{r.technique} {r.params} on {r.model} / {r.dataset_label} "
+          f"({'from cache' if r.cached else f'{r.seconds:.1f} s'}; {r.eval_images} test images)")
+    rows = [("accuracy", "accuracy", lambda v: f"{v:.4f}"), ("size", "size_bytes", human_bytes),
+            ("gzip size", "gzip_bytes", human_bytes), ("params", "params", lambda v: f"{v:,}"),
+            ("non-zero", "nonzero_params", lambda v: f"{v:,}"), ("MACs", "macs", lambda v: f"{v:,}"),
+            ("latency b1", "latency_ms_b1", lambda v: f"{v:.2f} ms"),
+            ("latency b64", "latency_ms_b64", lambda v: f"{v:.1f} ms")]
+    sides = [("teacher", b), ("compressed", c)] + ([("scratch", r.scratch)] if r.scratch else [])
+    print(f"  {'':<12}" + "".join(f"{name:>16}" for name, _ in sides))
+    for label, key, fmt in rows:
+        print(f"  {label:<12}" + "".join(f"{fmt(s[key]) if s.get(key) is not None else '-':>16}" for _, s in sides))
+    print(f"  latency measured on the CPU with {c.get('threads')} threads, runtime {r.runtime}")
+    for note in r.notes:
+        print(f"  note: {note}")
+    print(f"  compressed model: {r.model_path}")

@@ -1,0 +1,128 @@
+"""Sweeps: the seed study (datasets × teachers × technique settings) run headless and resumably.
+
+Every cell goes through `run_experiment`, so a re-run after an interruption serves finished
+cells from the cache and only computes what is missing.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LabError
+from .models import STUDY_TEACHERS
+from .progress import ProgressFn, emit
+from .results import ExperimentResult, ResultStore, results_frame
+from .runner import ExperimentConfig, run_experiment
+
+SEED_DATASETS = ["cifar10", "svhn"]
+
+# a few settings per technique: the knobs the seed study turned, plus the lab's additions
+DEFAULT_GRID: dict[str, list[dict]] = {
+    "prune": [{"method": "unstructured", "ratio": 0.5},
+              {"method": "structured", "ratio": 0.3, "finetune_epochs": 1},
+              {"method": "structured", "ratio": 0.5, "finetune_epochs": 1}],
+    "quantize": [{"mode": "int8"}, {"mode": "fake", "bits": 8}, {"mode": "fake", "bits": 4},
+                 {"mode": "fp16"}],
+    "distill": [{"student": "resnet8", "temperature": 4.0, "alpha": 0.9, "epochs": 5}],
+}
+
+
+@dataclass
+class SweepPlan:
+    datasets: list[str] = field(default_factory=lambda: list(SEED_DATASETS))
+    models: list[str] = field(default_factory=lambda: list(STUDY_TEACHERS))
+    techniques: list[str] = field(default_factory=lambda: list(DEFAULT_GRID))
+    grid: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_GRID.items()})
+    eval_size: int = 1000
+
+    def configs(self, data_root=None, device=None) -> list[ExperimentConfig]:
+        unknown = [t for t in self.techniques if t not in self.grid]
+        if unknown:
+            raise LabError(f"unknown technique {unknown[0]!r} in sweep; choose from {', '.join(self.grid)}")
+        out = []
+        for ds, model, tech in itertools.product(self.datasets, self.models, self.techniques):
+            for params in self.grid[tech]:
+                out.append(ExperimentConfig(ds, model, tech, dict(params), self.eval_size, data_root, device))
+        return out
+
+
+def run_sweep(plan: SweepPlan, progress: ProgressFn = None, store: ResultStore | None = None,
+              data_root=None, device=None, on_result=None) -> list[ExperimentResult]:
+    """Run every cell (validated up front, so a typo fails before hours of work)."""
+    store = store or ResultStore()
+    configs = [c.validate() for c in plan.configs(data_root, device)]
+    from .datasets import load_dataset
+    for ds in plan.datasets:          # missing data fails now, not after the first dataset's cells
+        load_dataset(ds, data_root)
+    results = []
+    for i, cfg in enumerate(configs):
+        emit(progress, stage="sweep", kind="message",
+             message=f"[{i + 1}/{len(configs)}] {cfg.dataset} {cfg.model} {cfg.technique} {cfg.params}")
+        r = run_experiment(cfg, progress=progress, store=store)
+        results.append(r)
+        if on_result:
+            on_result(i + 1, len(configs), r)
+    return results
+
+
+def best_per_dataset(frame, max_drop: float = 0.01):
+    """Criterion: per dataset and teacher, the smallest model within `max_drop` of the teacher's
+    accuracy; a technique's score is the geometric mean over teachers of its best size reduction
+    (1.0 where none of its runs qualifies). The best technique has the highest score."""
+    import numpy as np
+    import pandas as pd
+    rows = []
+    for ds, g in frame.groupby("dataset"):
+        scores = {}
+        for tech, gt in g.groupby("technique"):
+            per_model = []
+            for _model, gm in g.groupby("model"):
+                ok = gt[(gt["model"] == _model) & (gt["accuracy_drop"] <= max_drop)]
+                per_model.append(float(ok["size_ratio"].max()) if len(ok) else 1.0)
+            scores[tech] = float(np.exp(np.mean(np.log(per_model))))
+        best = max(scores, key=scores.get)
+        ok = g[g["accuracy_drop"] <= max_drop].sort_values("compressed_size_bytes")
+        top = ok.iloc[0] if len(ok) else None
+        rows.append({"dataset": ds, "best_technique": best, "score": scores[best],
+                     **{f"score_{t}": s for t, s in scores.items()},
+                     "smallest_run": None if top is None else f"{top['model']} {top['setting']}",
+                     "smallest_run_size_ratio": None if top is None else top["size_ratio"]})
+    return pd.DataFrame(rows)
+
+
+def write_report(results: list[ExperimentResult], out_dir: Path, max_drop: float = 0.01) -> tuple[Path, Path]:
+    """CSV of every run plus a Markdown report answering: which technique is best per dataset."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = results_frame(results)
+    csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
+    frame.to_csv(csv_path, index=False)
+    best = best_per_dataset(frame, max_drop) if len(frame) else None
+    lines = ["# Compression sweep", "",
+             f"{len(frame)} runs. Accuracy on each dataset's fixed evaluation subset; latency on the CPU "
+             f"({frame['compressed_threads'].iloc[0] if len(frame) else '?'} threads).", "",
+             f"**Criterion**: the smallest model within {max_drop * 100:.1f} accuracy points of its teacher. "
+             "A technique's score is the geometric mean, over teachers, of its best size reduction among "
+             "runs meeting the criterion (1.0× where none does).", ""]
+    if best is not None:
+        lines += ["## Best technique per dataset", "", "| dataset | best technique | score | smallest qualifying run |",
+                  "|---|---|---|---|"]
+        for _, b in best.iterrows():
+            sr = f" ({b['smallest_run_size_ratio']:.1f}× smaller)" if b["smallest_run"] else ""
+            lines.append(f"| {b['dataset']} | **{b['best_technique']}** | {b['score']:.2f}× | {b['smallest_run'] or '-'}{sr} |")
+        lines.append("")
+    for ds, g in frame.groupby("dataset") if len(frame) else []:
+        lines += [f"## {ds}", "", "| teacher | setting | teacher acc | compressed acc | drop (pts) | size × | "
+                  "latency b1 × | MACs × |", "|---|---|---|---|---|---|---|---|"]
+        for _, r in g.sort_values(["model", "technique"]).iterrows():
+            lines.append(f"| {r['model']} | {r['setting']} | {r['baseline_accuracy']:.3f} | "
+                         f"{r['compressed_accuracy']:.3f} | {r['accuracy_drop'] * 100:+.1f} | "
+                         f"{_x(r['size_ratio'])} | {_x(r['latency_speedup_b1'])} | {_x(r['macs_ratio'])} |")
+        lines.append("")
+    md_path.write_text("\n".join(lines))
+    return csv_path, md_path
+
+
+def _x(v) -> str:
+    return "-" if v is None or v != v else f"{v:.2f}"

@@ -1,0 +1,35 @@
+"""Shared fixtures: every test session gets its own empty cache and no network downloads."""
+import os
+import tempfile
+
+import pytest
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="lab-test-cache-")
+os.environ["COMPRESSION_LAB_CACHE"] = _SESSION_CACHE
+os.environ["COMPRESSION_LAB_OFFLINE"] = "1"
+os.environ.setdefault("COMPRESSION_LAB_DATA", os.path.join(_SESSION_CACHE, "data"))
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    from core.datasets import load_dataset
+    return load_dataset("shapes")
+
+
+@pytest.fixture(scope="session")
+def make_teacher(shapes):
+    """Train (once per session, then from the cache) a small-budget teacher on the offline default."""
+    from core.teachers import TeacherSettings, get_teacher
+    from core.training import TrainConfig
+
+    def make(model="resnet34", epochs=1, subset=1500, batch_size=64):
+        cfg = TrainConfig(epochs=epochs, subset=subset, batch_size=batch_size, lr=0.05)
+        return get_teacher(shapes, TeacherSettings(model, cfg), device="cpu", measure=False)
+    return make
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A test that must start from an empty cache (cache tests, CLI exit codes)."""
+    monkeypatch.setenv("COMPRESSION_LAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
