@@ -166,10 +166,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "
                "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,
                "seconds": train_seconds, "images_per_second": seen / max(train_seconds, 1e-9)}
         history.append(row)
+        if on_epoch_end is not None:  # checkpoint first: a stop raised from the epoch event keeps it
+            on_epoch_end(epoch + 1, model, opt, history)
         emit(progress, stage=stage, kind="epoch", step=steps_per_epoch, total=steps_per_epoch,
              epoch=epoch + 1, epochs=cfg.epochs, metrics=row)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, model, opt, history)
     model.eval()
     emit(progress, stage=stage, kind="done")
     return history
