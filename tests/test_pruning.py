@@ -1,0 +1,162 @@
+"""Pruning: real small runs on the offline shapes data with 1-epoch teachers."""
+import copy
+import io
+import time
+
+import pytest
+import torch
+
+from core.errors import InvalidParameter
+from core.metrics import count_macs, count_nonzero_params, count_params
+from core.results import ResultStore
+from core.runner import ExperimentConfig, load_compressed, run_experiment
+from core.settings import cache_dir
+from core.techniques import Context, get_technique
+from core.techniques import pruning
+from core.training import TrainConfig, predict_logits
+
+# the make_teacher fixture's recipe, so run_experiment finds the very same cached teacher
+TEACHER_CFG = TrainConfig(epochs=1, subset=1500, batch_size=64, lr=0.05)
+EVAL = 200
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return get_technique("prune")
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ResultStore(cache_dir() / "test_pruning.sqlite")
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _logits(model, shapes, n=64):
+    return predict_logits(model, shapes, shapes.test_x[:n])
+
+
+def _run(model, params, store):
+    cfg = ExperimentConfig(dataset="shapes", model=model, technique="prune", params=params,
+                           eval_size=EVAL, teacher_train=TEACHER_CFG, device="cpu")
+    return run_experiment(cfg, store=store)
+
+
+@pytest.mark.parametrize("params, name, needle", [
+    ({"ratio": 1.2}, "ratio", "0.95"),
+    ({"method": "foo"}, "method", "structured"),
+    ({"ratio": 0.92, "method": "structured"}, "ratio", "0.9"),
+    ({"method": "unstructured", "importance": "bn_scale"}, "importance", "structured"),
+    ({"finetune_epochs": -1}, "finetune_epochs", "50"),
+])
+def test_invalid_params_refused_before_work(fresh_cache, params, name, needle):
+    t0 = time.perf_counter()
+    cfg = ExperimentConfig(model="resnet34", technique="prune", params=params, eval_size=EVAL)
+    with pytest.raises(InvalidParameter) as exc:
+        run_experiment(cfg, store=ResultStore(fresh_cache / "r.sqlite"))
+    assert exc.value.name == name and needle in str(exc.value)
+    assert time.perf_counter() - t0 < 5
+    assert not (fresh_cache / "teachers").exists()   # nothing was trained
+
+
+def test_structured_resnet34_shrinks_finetunes_reloads_and_caches(make_teacher, shapes, spec, store):
+    teacher = make_teacher("resnet34")
+    before = copy.deepcopy(teacher.model.state_dict())
+    params = {"ratio": 0.5, "finetune_epochs": 1, "finetune_subset": 256}
+    r = _run("resnet34", params, store)
+    assert not r.cached
+    assert r.compressed["params"] < 0.4 * r.baseline["params"]
+    assert r.compressed["macs"] < 0.4 * r.baseline["macs"]
+    assert r.compressed["size_bytes"] < 0.4 * r.baseline["size_bytes"]
+    assert len(r.history) == 1 and 0 <= r.history[0]["val_accuracy"] <= 1
+    assert r.compressed["extra"]["kept_channel_fraction"] == pytest.approx(0.5, abs=0.02)
+    # the teacher is untouched
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before.items())
+    # the saved file (weights_only) rebuilds a model that predicts what was measured
+    reloaded = load_compressed(r)
+    x, y = shapes.eval_split(EVAL)
+    acc = float((predict_logits(reloaded, shapes, x).argmax(1) == y).float().mean())
+    assert acc == pytest.approx(r.compressed["accuracy"], abs=1e-9)
+    assert count_params(reloaded) == r.compressed["params"]
+    # the same request again comes from the cache
+    # (CPU time, not wall time: the 2 test cores are shared with other jobs)
+    t0 = time.process_time()
+    again = _run("resnet34", params, store)
+    assert again.cached and time.process_time() - t0 < 1.0
+    assert again.compressed["accuracy"] == r.compressed["accuracy"]
+
+
+def test_structured_densenet121_concatenations(make_teacher, shapes, spec):
+    teacher = make_teacher("densenet121")
+    p = spec.validate({"ratio": 0.5})
+    out = spec.apply(Context(teacher, shapes, p, eval_size=EVAL))
+    assert count_params(out.model) < 0.4 * count_params(teacher.model)
+    assert count_macs(out.model) < 0.4 * count_macs(teacher.model)
+    logits = _logits(out.model, shapes)
+    assert logits.shape == (64, shapes.num_classes) and torch.isfinite(logits).all()
+    reloaded = spec.load(_roundtrip(out.state), None)
+    assert torch.equal(_logits(reloaded, shapes), logits)
+
+
+def test_structured_global_differs_from_layerwise(make_teacher, shapes, spec):
+    teacher = make_teacher("resnet34")
+
+    def widths(scope):
+        m = copy.deepcopy(teacher.model)
+        pruning.structured_prune(m, 0.5, scope)
+        return [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+
+    layer, glob = widths("layer"), widths("global")
+    full = [c.out_channels for c in teacher.model.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert all(w == f // 2 for w, f in zip(layer, full))   # every layer loses exactly half
+    assert layer != glob and sum(glob) == pytest.approx(sum(layer), rel=0.15)
+
+
+def test_unstructured_zeros_dense_size_unchanged_gzip_smaller(make_teacher, shapes, store):
+    make_teacher("densenet121")
+    ratio = 0.6
+    r = _run("densenet121", {"method": "unstructured", "ratio": ratio}, store)
+    c, b, ex = r.compressed, r.baseline, r.compressed["extra"]
+    assert ex["sparsity"] == pytest.approx(ratio, abs=1e-3)
+    other = c["params"] - ex["prunable_params"]
+    assert c["nonzero_params"] == pytest.approx((1 - ratio) * ex["prunable_params"] + other, rel=0.01)
+    assert c["params"] == b["params"] and c["macs"] == b["macs"]
+    assert c["size_bytes"] == pytest.approx(b["size_bytes"], rel=0.01)       # dense does not shrink
+    assert c["gzip_bytes"] < 0.8 * b["gzip_bytes"]                          # compressible zeros
+    assert ex["sparse_bitmask_bytes"] < 0.5 * c["size_bytes"]
+
+
+def test_unstructured_global_vs_layer_and_finetune_keeps_zeros(make_teacher, shapes, spec):
+    teacher = make_teacher("resnet34")
+    layers = pruning.prunable_layers
+
+    def sparsities(scope):
+        m = copy.deepcopy(teacher.model)
+        pruning._unstructured_masks(m, 0.5, scope, "magnitude")
+        pruning._remove_masks(m)
+        return [float((mod.weight == 0).float().mean()) for _, mod in layers(m)]
+
+    layer, glob = sparsities("layer"), sparsities("global")
+    assert all(s == pytest.approx(0.5, abs=1e-3) for s in layer)
+    assert max(glob) - min(glob) > 0.1                    # one threshold: layers differ
+
+    # fine-tuning with the masks on: the pruned weights stay exactly zero, others move
+    dense = make_teacher("densenet121")   # a smaller file than resnet34's: quicker to gzip
+    p = spec.validate({"method": "unstructured", "ratio": 0.5, "finetune_epochs": 1, "finetune_subset": 256})
+    out = spec.apply(Context(dense, shapes, p, eval_size=EVAL))
+    assert len(out.history) == 1
+    tuned = dict(layers(out.model))
+    moved = 0
+    for name, mod in layers(dense.model):
+        w = tuned[name].weight
+        assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+        moved += int(((w != mod.weight) & (w != 0)).sum())
+    assert moved > 0
+    assert count_nonzero_params(out.model) < 0.55 * count_params(out.model)
+    reloaded = spec.load(_roundtrip(out.state), None)
+    assert torch.equal(_logits(reloaded, shapes), _logits(out.model, shapes))
