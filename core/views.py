@@ -1,0 +1,341 @@
+"""What the app shows, built without Streamlit: Altair charts, tables, Pareto fronts, image grids.
+
+Pages call these and only place the results; everything here is plain pandas/Altair/numpy so it
+can be tested without a browser and reused in notebooks.
+"""
+from __future__ import annotations
+
+import math
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+TECHNIQUE_COLORS = {"prune": "#e45756", "quantize": "#4c78a8", "distill": "#54a24b", "teacher": "#333333"}
+SERIES_TITLES = {"train": "teacher", "finetune": "fine-tuning", "distill": "distilled student",
+                 "scratch": "student from scratch"}
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt_bytes(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def fmt_count(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    n = float(n)
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_ms(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.2f} ms" if x < 100 else f"{x:.0f} ms"
+
+
+def fmt_pct(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{100 * x:.1f}%"
+
+
+def _ratio(before, after) -> float | None:
+    try:
+        if not before or not after or math.isnan(before) or math.isnan(after):
+            return None
+    except TypeError:
+        return None
+    return before / after
+
+
+def _card(label, value, before, delta, good: bool | None, arrow: str) -> dict:
+    return {"label": label, "value": value, "before": before, "delta": delta,
+            "delta_color": "gray" if good is None else "green" if good else "red",
+            "delta_arrow": "off" if good is None else arrow}
+
+
+def metric_cards(baseline: dict, compressed: dict) -> list[dict]:
+    """Before/after cards for st.metric: label, value, before, delta text, delta_color, delta_arrow.
+
+    Accuracy shows percentage points; size, parameters and MACs a reduction factor; latency a
+    speed-up. Green means better for the user (more accurate, smaller, faster).
+    """
+    b, c = baseline or {}, compressed or {}
+    acc_b, acc_c = b.get("accuracy"), c.get("accuracy")
+    if acc_b is None or acc_c is None:
+        cards = [_card("Accuracy", fmt_pct(acc_c), fmt_pct(acc_b), None, None, "off")]
+    else:
+        d = 100 * (acc_c - acc_b)
+        good = None if abs(d) < 0.05 else d > 0
+        cards = [_card("Accuracy", fmt_pct(acc_c), fmt_pct(acc_b), f"{d:+.1f} pts", good,
+                       "up" if d > 0 else "down")]
+    for key, label, fmt in (("size_bytes", "Size", fmt_bytes), ("params", "Parameters", fmt_count),
+                            ("macs", "MACs", fmt_count), ("latency_ms_b1", "Latency (batch 1, CPU)", fmt_ms)):
+        r = _ratio(b.get(key), c.get(key))
+        faster = key.startswith("latency")
+        if r is None:
+            cards.append(_card(label, fmt(c.get(key)), fmt(b.get(key)), None, None, "off"))
+        elif abs(r - 1) < 0.02:
+            cards.append(_card(label, fmt(c.get(key)), fmt(b.get(key)), "about the same", None, "off"))
+        elif r > 1:
+            cards.append(_card(label, fmt(c.get(key)), fmt(b.get(key)),
+                               f"{r:.2f}× {'faster' if faster else 'smaller'}", True, "down"))
+        else:
+            cards.append(_card(label, fmt(c.get(key)), fmt(b.get(key)),
+                               f"{1 / r:.2f}× {'slower' if faster else 'larger'}", False, "up"))
+    return cards
+
+
+# ----------------------------------------------------------------------------- training curves
+def history_frame(series: dict[str, list[dict]], metrics=("val_accuracy", "train_accuracy")) -> pd.DataFrame:
+    """Per-epoch history rows per series (e.g. "distill", "scratch") as one long table for charts."""
+    rows = []
+    for name, hist in series.items():
+        for h in hist or []:
+            for m in metrics:
+                if h.get(m) is not None:
+                    rows.append({"epoch": int(h["epoch"]), "series": SERIES_TITLES.get(name, name),
+                                 "split": "validation" if m.startswith("val") else "train",
+                                 "accuracy": float(h[m])})
+    return pd.DataFrame(rows, columns=["epoch", "series", "split", "accuracy"])
+
+
+def history_chart(frame: pd.DataFrame, reference: float | None = None, reference_label: str = "teacher",
+                  height: int = 260) -> alt.Chart:
+    """Accuracy per epoch: one colour per series, solid validation and dashed train lines."""
+    base = alt.Chart(frame).encode(
+        x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        color=alt.Color("series:N", title=None),
+        strokeDash=alt.StrokeDash("split:N", title=None, sort=["validation", "train"]),
+        tooltip=["series", "split", "epoch", alt.Tooltip("accuracy:Q", format=".1%")])
+    chart = base.mark_line(point=True)
+    if reference is not None and not math.isnan(reference):
+        ref = pd.DataFrame({"accuracy": [reference], "label": [f"{reference_label} {reference:.1%}"]})
+        rule = alt.Chart(ref).mark_rule(color="#333", strokeDash=[2, 2]).encode(y="accuracy:Q")
+        text = alt.Chart(ref).mark_text(align="left", dx=4, dy=-6, color="#333").encode(
+            y="accuracy:Q", text="label:N", x=alt.value(0))
+        chart = chart + rule + text
+    return chart.properties(height=height)
+
+
+# ----------------------------------------------------------------------------- trade-offs
+def pareto_mask(frame: pd.DataFrame, cost: str, gain: str = "compressed_accuracy") -> pd.Series:
+    """True for runs no other run beats: none is at most as costly and at least as accurate (and better in one)."""
+    ok = frame[cost].notna() & frame[gain].notna()
+    mask = pd.Series(False, index=frame.index)
+    sub = frame.loc[ok, [cost, gain]].astype(float)
+    # sort by cost ascending, accuracy descending; a point is on the front if it beats every cheaper one
+    order = sub.sort_values([cost, gain], ascending=[True, False])
+    best = -math.inf
+    for idx, row in order.iterrows():
+        if row[gain] > best:
+            mask[idx] = True
+            best = row[gain]
+    return mask
+
+
+def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool = True,
+                   height: int = 320) -> alt.LayerChart:
+    """Accuracy vs a cost (size, latency), coloured by technique, the Pareto front drawn as a step line."""
+    df = frame.copy()
+    df = df[df[cost].notna() & df["compressed_accuracy"].notna()]
+    df["pareto"] = pareto_mask(df, cost) if len(df) else pd.Series(dtype=bool)
+    df["on front"] = np.where(df["pareto"], "Pareto front", "dominated")
+    scale = alt.Scale(type="log") if log_x else alt.Scale(zero=False)
+    domain = [t for t in TECHNIQUE_COLORS if t in set(df.get("technique", []))] or list(TECHNIQUE_COLORS)
+    color = alt.Color("technique:N", scale=alt.Scale(domain=domain, range=[TECHNIQUE_COLORS[t] for t in domain]))
+    x = alt.X(f"{cost}:Q", title=cost_title, scale=scale)
+    y = alt.Y("compressed_accuracy:Q", title="accuracy", axis=alt.Axis(format="%"), scale=alt.Scale(zero=False))
+    tooltip = [alt.Tooltip("setting:N"), alt.Tooltip("dataset:N"), alt.Tooltip("model:N"),
+               alt.Tooltip("compressed_accuracy:Q", title="accuracy", format=".1%"),
+               alt.Tooltip(f"{cost}:Q", title=cost_title, format=",.3~f"), alt.Tooltip("on front:N")]
+    points = alt.Chart(df).mark_point(filled=True, size=70).encode(
+        x=x, y=y, color=color, shape=alt.Shape("on front:N", title=None,
+                                               scale=alt.Scale(domain=["Pareto front", "dominated"],
+                                                               range=["diamond", "circle"])),
+        tooltip=tooltip)
+    front = df[df["pareto"]].sort_values(cost)
+    line = alt.Chart(front).mark_line(interpolate="step-after", color="#888", strokeDash=[4, 3]).encode(x=x, y=y)
+    layers = [line, points]
+    base = frame.drop_duplicates("model") if "baseline_accuracy" in frame and len(frame) else None
+    bcost = cost.replace("compressed_", "baseline_")
+    if base is not None and bcost in base:
+        teach = base[["model", bcost, "baseline_accuracy"]].dropna().rename(
+            columns={bcost: cost, "baseline_accuracy": "compressed_accuracy"})
+        if len(teach):
+            teach["label"] = "teacher " + teach["model"]
+            layers.append(alt.Chart(teach).mark_point(shape="cross", size=120, color="#333", strokeWidth=2)
+                          .encode(x=x, y=y, tooltip=["label:N"]))
+    return alt.layer(*layers).properties(height=height)
+
+
+def main_param(params) -> str | None:
+    """The parameter a sweep chart puts on its x-axis: the first numeric one, else the first."""
+    params = list(params)
+    for p in params:
+        if p.kind in ("int", "float"):
+            return p.name
+    return params[0].name if params else None
+
+
+def sweep_frame(frame: pd.DataFrame, param: str) -> pd.DataFrame:
+    """One technique's runs with the swept parameter as a column (from the JSON params)."""
+    import json
+    if frame.empty:
+        return frame.assign(**{param: []})
+    df = frame.copy()
+    df[param] = [json.loads(p).get(param) for p in df["params"]]
+    return df
+
+
+def sweep_chart(frame: pd.DataFrame, param: str, height: int = 260) -> alt.Chart:
+    """Accuracy against the technique's main parameter; the teacher's accuracy as a dashed rule."""
+    df = sweep_frame(frame, param)
+    numeric = pd.api.types.is_numeric_dtype(df[param]) if len(df) else True
+    x = alt.X(f"{param}:{'Q' if numeric else 'N'}", title=param)
+    pts = alt.Chart(df).mark_point(filled=True, size=70).encode(
+        x=x, y=alt.Y("compressed_accuracy:Q", title="accuracy", axis=alt.Axis(format="%"),
+                     scale=alt.Scale(zero=False)),
+        color=alt.Color("setting:N", legend=None),
+        tooltip=["setting:N", alt.Tooltip("compressed_accuracy:Q", title="accuracy", format=".1%"),
+                 alt.Tooltip("compressed_size_bytes:Q", title="bytes", format=",")])
+    layers = [pts]
+    if len(df) and df["baseline_accuracy"].notna().any():
+        ref = pd.DataFrame({"y": [float(df["baseline_accuracy"].dropna().iloc[-1])]})
+        layers.append(alt.Chart(ref).mark_rule(strokeDash=[2, 2], color="#333").encode(y="y:Q"))
+    return alt.layer(*layers).properties(height=height)
+
+
+def best_per_dataset(frame: pd.DataFrame, min_size_ratio: float = 1.0) -> pd.DataFrame:
+    """Per dataset: the most accurate run that is at least `min_size_ratio` times smaller than its teacher."""
+    cols = ["dataset", "technique", "setting", "compressed_accuracy", "accuracy_drop", "size_ratio",
+            "latency_speedup_b1"]
+    if frame.empty:
+        return pd.DataFrame(columns=cols)
+    ok = frame[frame["size_ratio"].fillna(0) >= min_size_ratio]
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    idx = ok.groupby("dataset")["compressed_accuracy"].idxmax()
+    return ok.loc[idx, cols].reset_index(drop=True)
+
+
+def compare_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns the Compare page shows (and downloads), in a readable order."""
+    cols = ["created", "dataset", "model", "technique", "setting", "eval_images", "baseline_accuracy",
+            "compressed_accuracy", "accuracy_drop", "baseline_size_bytes", "compressed_size_bytes",
+            "size_ratio", "baseline_latency_ms_b1", "compressed_latency_ms_b1", "latency_speedup_b1",
+            "baseline_params", "compressed_params", "baseline_macs", "compressed_macs", "macs_ratio",
+            "scratch_accuracy", "runtime", "seconds", "key"]
+    return frame[[c for c in cols if c in frame]] if len(frame) else pd.DataFrame(columns=cols)
+
+
+# ----------------------------------------------------------------------------- probabilities
+def topk_frame(probs, classes: list[str], k: int = 5) -> pd.DataFrame:
+    p = np.asarray(probs, dtype=float)
+    order = np.argsort(-p)[:k]
+    return pd.DataFrame({"class": [classes[i] for i in order], "probability": p[order],
+                         "rank": np.arange(1, len(order) + 1)})
+
+
+def topk_chart(frame: pd.DataFrame, title: str, color: str = "#4c78a8", height: int = 180) -> alt.Chart:
+    return alt.Chart(frame, title=title).mark_bar(color=color).encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        y=alt.Y("class:N", sort=alt.EncodingSortField("rank", order="ascending"), title=None),
+        tooltip=["class", alt.Tooltip("probability:Q", format=".1%")]).properties(height=height)
+
+
+# ----------------------------------------------------------------------------- images
+def upscale(img_chw: np.ndarray, size: int = 128) -> np.ndarray:
+    """3×h×w uint8 -> size×size×3, nearest neighbour, so the pixels the model sees stay visible."""
+    img = np.asarray(img_chw).transpose(1, 2, 0)
+    f = max(1, size // img.shape[0])
+    return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
+
+
+def bordered(img_hwc: np.ndarray, color: tuple[int, int, int] | None, width: int = 6) -> np.ndarray:
+    if color is None:
+        return img_hwc
+    out = img_hwc.copy()
+    out[:width], out[-width:], out[:, :width], out[:, -width:] = color, color, color, color
+    return out
+
+
+WRONG = (214, 39, 40)
+DISAGREE = (255, 159, 14)
+
+
+def grid_items(frame: pd.DataFrame, images: np.ndarray, only_disagreements: bool = False,
+               size: int = 96) -> list[dict]:
+    """Tiles for the predictions grid: the upscaled image, a border colour and a caption.
+
+    Red border: the compressed model is wrong. Orange: it is right but disagrees with the teacher.
+    """
+    items = []
+    for pos, row in enumerate(frame.itertuples(index=False)):
+        if only_disagreements and not row.disagree:
+            continue
+        wrong = row.compressed_pred != row.true
+        color = WRONG if wrong else DISAGREE if row.disagree else None
+        mark = "✗" if wrong else "≠" if row.disagree else "✓"
+        caption = f"{mark} true: {row.true}\nteacher: {row.teacher_pred}\ncompressed: {row.compressed_pred}"
+        items.append({"image": bordered(upscale(images[pos], size), color), "caption": caption,
+                      "wrong": bool(wrong), "disagree": bool(row.disagree)})
+    return items
+
+
+# ----------------------------------------------------------------------------- home page diagrams
+def prune_diagram() -> alt.Chart:
+    """Weights sorted by magnitude; the smallest half is what pruning removes."""
+    rng = np.random.default_rng(3)
+    w = np.abs(rng.normal(0, 1, 24))
+    order = np.argsort(-w)
+    df = pd.DataFrame({"weight": [f"w{i:02d}" for i in range(24)], "magnitude": w[order]})
+    df["fate"] = np.where(np.arange(24) < 12, "kept", "pruned")
+    return alt.Chart(df, title="weights ranked by |w|: the smallest go").mark_bar().encode(
+        x=alt.X("weight:N", sort=None, axis=None), y=alt.Y("magnitude:Q", title="|weight|"),
+        color=alt.Color("fate:N", scale=alt.Scale(domain=["kept", "pruned"], range=["#e45756", "#ddd"]),
+                        title=None)).properties(height=150)
+
+
+def quantize_diagram(bits: int = 3) -> alt.Chart:
+    """A float signal and its uniform low-bit version (few levels = fewer bits per weight)."""
+    x = np.linspace(-1, 1, 200)
+    y = np.sin(2.5 * x) * 0.9
+    levels = 2 ** bits - 1
+    q = np.round((y + 1) / 2 * levels) / levels * 2 - 1
+    df = pd.concat([pd.DataFrame({"x": x, "value": y, "kind": "float32"}),
+                    pd.DataFrame({"x": x, "value": q, "kind": f"{bits}-bit"})])
+    return alt.Chart(df, title=f"float32 vs {bits}-bit levels").mark_line().encode(
+        x=alt.X("x:Q", axis=None), y=alt.Y("value:Q", title="value"),
+        color=alt.Color("kind:N", scale=alt.Scale(range=["#bbb", "#4c78a8"]), title=None)).properties(height=150)
+
+
+def distill_diagram(temperature: float = 4.0) -> alt.Chart:
+    """The teacher's logits at temperature 1 and T: softer targets carry 'which classes look alike'."""
+    logits = np.array([6.0, 3.5, 2.5, 1.0, 0.5, 0.0])
+    names = ["disc", "ring", "square", "frame", "triangle", "cross"]
+    rows = []
+    for t, label in ((1.0, "hard-ish (T=1)"), (temperature, f"soft (T={temperature:g})")):
+        p = np.exp(logits / t)
+        p /= p.sum()
+        rows += [{"class": n, "probability": float(v), "targets": label} for n, v in zip(names, p)]
+    return alt.Chart(pd.DataFrame(rows), title="teacher's targets at two temperatures").mark_bar().encode(
+        x=alt.X("class:N", sort=None, title=None), xOffset="targets:N",
+        y=alt.Y("probability:Q", axis=alt.Axis(format="%")),
+        color=alt.Color("targets:N", scale=alt.Scale(range=["#9ecae9", "#54a24b"]), title=None)
+    ).properties(height=150)
+
+
+DIAGRAMS = {"prune": prune_diagram, "quantize": quantize_diagram, "distill": distill_diagram}

@@ -1,0 +1,356 @@
+"""Streamlit glue shared by every page: sidebar selection, cached models, job slots, progress, errors.
+
+Only this package imports streamlit; all computation is in core/ (runner, predict, views).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import traceback
+
+import streamlit as st
+
+import core
+from core import views
+from core.datasets import DATASETS
+from core.errors import LabError
+from core.models import MODELS, TEACHERS
+from core.settings import available_devices, default_device
+
+EVAL_CHOICES = [200, 500, 1000, 2000, 0]
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+# ----------------------------------------------------------------------------- shared selection
+def init_state() -> None:
+    """Defaults for the sidebar selection (shared by all pages through st.session_state)."""
+    ss = st.session_state
+    ss.setdefault("dataset", core.DEFAULT_DATASET)
+    ss.setdefault("teacher_model", core.DEFAULT_TEACHER)
+    ss.setdefault("device", default_device())
+    ss.setdefault("eval_size", _env_int("COMPRESSION_LAB_APP_EVAL", 1000))
+    ss.setdefault("folder_path", "")
+
+
+def eval_label(n: int) -> str:
+    return "full test set" if n == 0 else f"{n:,} test images"
+
+
+def sidebar() -> None:
+    init_state()
+    with st.sidebar:
+        st.divider()
+        names = list(DATASETS) + ["folder"]
+        st.selectbox("Dataset", names, key="dataset",
+                     format_func=lambda n: "Image folder…" if n == "folder" else
+                     f"{DATASETS[n].title}" + (" (generated, offline)" if not DATASETS[n].needs_download else ""),
+                     help="Shapes is generated on the spot (no download); CIFAR-10 and SVHN need their files.")
+        if st.session_state.dataset == "folder":
+            st.text_input("Folder with train/<class>/ images", key="folder_path",
+                          placeholder="/path/to/images")
+        st.selectbox("Teacher", TEACHERS, key="teacher_model", format_func=lambda n: MODELS[n].title)
+        devices = available_devices()
+        if st.session_state.device not in devices:
+            st.session_state.device = devices[0]
+        st.selectbox("Training device", devices, key="device",
+                     help="Latency is always measured on the CPU.")
+        st.selectbox("Evaluate on", EVAL_CHOICES, key="eval_size", format_func=eval_label,
+                     help="Every comparison uses the same fixed, class-balanced subset of the test set.")
+        data = try_data()
+        if data is not None:
+            entry = teacher_entry(data, st.session_state.teacher_model)
+            if entry is None:
+                st.warning(f"No cached {MODELS[st.session_state.teacher_model].title} teacher for "
+                           f"{data.label} yet — train one on the Teacher page.", icon="🧑‍🏫")
+            else:
+                hist = entry[1].get("history") or [{}]
+                acc = hist[-1].get("val_accuracy")
+                st.success(f"Teacher cached ({len(hist)} epochs"
+                           + (f", validation {acc:.1%}" if acc is not None else "") + ")", icon="✅")
+
+
+def dataset_name() -> str:
+    init_state()
+    name = st.session_state.dataset
+    if name == "folder":
+        path = (st.session_state.get("folder_path") or "").strip()
+        return f"folder:{path}" if path else "folder:"
+    return name
+
+
+# ----------------------------------------------------------------------------- cached resources
+@st.cache_resource(show_spinner="Loading the dataset…", max_entries=4)
+def _load_data(name: str):
+    return core.load_dataset(name)
+
+
+def try_data():
+    """The selected dataset, or None after showing why it is unavailable (e.g. offline CIFAR-10)."""
+    try:
+        return _load_data(dataset_name())
+    except LabError as exc:
+        st.error(f"**Dataset unavailable.** {exc}", icon="📦")
+        return None
+
+
+def require_data():
+    data = try_data()
+    if data is None:
+        st.info("Pick another dataset in the sidebar (Shapes works offline).")
+        st.stop()
+    return data
+
+
+def teacher_entry(data, model: str):
+    from core.predict import latest_teacher_entry
+    return latest_teacher_entry(data, model)
+
+
+@st.cache_resource(show_spinner="Loading the teacher…", max_entries=6)
+def _load_teacher(path: str, sha: str):
+    from pathlib import Path
+
+    from core.teachers import load_teacher_file
+    t = load_teacher_file(Path(path))
+    if t is None:
+        raise LabError(f"the cached teacher {path} is damaged; train it again on the Teacher page")
+    return t
+
+
+def current_teacher(data, model: str | None = None):
+    """The teacher the runner will use (newest cached for dataset+model), loaded once per process."""
+    model = model or st.session_state.teacher_model
+    entry = teacher_entry(data, model)
+    if entry is None:
+        return None
+    return _load_teacher(str(entry[0]), entry[1].get("sha256", ""))
+
+
+def require_teacher(data):
+    t = current_teacher(data)
+    if t is None:
+        st.info(f"There is no cached **{MODELS[st.session_state.teacher_model].title}** teacher for "
+                f"**{data.label}** yet. Train it first (a few epochs are enough on Shapes).", icon="🧑‍🏫")
+        st.page_link("pages/teacher.py", label="Go to the Teacher page", icon="🧑‍🏫")
+        st.stop()
+    return t
+
+
+@st.cache_resource(show_spinner="Loading the compressed model…", max_entries=8)
+def compressed_model(key: str, _result):
+    from core.runner import load_compressed
+    return load_compressed(_result)
+
+
+def store():
+    from core.results import ResultStore
+    return ResultStore()
+
+
+# ----------------------------------------------------------------------------- job slots
+class JobSlots:
+    """At most `n` heavy jobs at once across all sessions of this server; the rest wait visibly."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.sem = threading.BoundedSemaphore(n)
+        self.lock = threading.Lock()
+        self.running: list[str] = []
+
+    @contextlib.contextmanager
+    def slot(self, label: str):
+        if not self.sem.acquire(blocking=False):
+            with st.status(f"Waiting for a free compute slot ({self.n} job(s) running: "
+                           f"{', '.join(self.running) or 'busy'})…", state="running") as s:
+                while not self.sem.acquire(timeout=0.5):
+                    pass
+                s.update(label="Got a compute slot", state="complete")
+        with self.lock:
+            self.running.append(label)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running.remove(label)
+            self.sem.release()
+
+
+@st.cache_resource
+def job_slots() -> JobSlots:
+    return JobSlots(max(1, _env_int("COMPRESSION_LAB_APP_JOBS", 1)))
+
+
+# ----------------------------------------------------------------------------- progress
+class LiveProgress:
+    """A core progress callback drawing a progress bar, a status log and growing accuracy charts."""
+
+    def __init__(self, title: str, reference: float | None = None, reference_label: str = "teacher",
+                 chart: bool = True):
+        self.status = st.status(title, expanded=True)
+        with self.status:
+            self.bar = st.progress(0.0, text="starting…")
+            self.chart_slot = st.empty() if chart else None
+            self.log = st.empty()
+        self.reference, self.reference_label = reference, reference_label
+        self.series: dict[str, list[dict]] = {}
+        self.messages: list[str] = []
+        self._last = 0.0
+
+    def __call__(self, ev) -> None:
+        now = time.monotonic()
+        if ev.kind == "batch":
+            if now - self._last < 0.2 and ev.step < ev.total:
+                return
+            self._last = now
+            ep = f" epoch {ev.epoch}/{ev.epochs} ·" if ev.epochs else ""
+            self.bar.progress(min(1.0, ev.fraction), text=f"{views.SERIES_TITLES.get(ev.stage, ev.stage)}:"
+                              f"{ep} batch {ev.step}/{ev.total}")
+        elif ev.kind == "start":
+            ep = f" epoch {ev.epoch}/{ev.epochs}" if ev.epochs else ""
+            self.bar.progress(0.0, text=f"{views.SERIES_TITLES.get(ev.stage, ev.stage)}:{ep}")
+        elif ev.kind == "epoch" and ev.metrics:
+            self.series.setdefault(ev.stage, []).append(ev.metrics)
+            self.redraw()
+            m = ev.metrics
+            self.note(f"{views.SERIES_TITLES.get(ev.stage, ev.stage)} epoch {ev.epoch}/{ev.epochs}: "
+                      f"train {m.get('train_accuracy', float('nan')):.1%}, "
+                      f"validation {m.get('val_accuracy', float('nan')):.1%}")
+        elif ev.kind == "message" and ev.message:
+            self.note(ev.message)
+            self.status.update(label=ev.message[:1].upper() + ev.message[1:] + "…")
+
+    def note(self, text: str) -> None:
+        self.messages.append(text)
+        self.log.caption("  \n".join(self.messages[-6:]))
+
+    def redraw(self) -> None:
+        if self.chart_slot is None or not self.series:
+            return
+        frame = views.history_frame(self.series)
+        self.chart_slot.altair_chart(views.history_chart(frame, self.reference, self.reference_label),
+                                     width="stretch")
+
+    def done(self, label: str, ok: bool = True) -> None:
+        self.bar.progress(1.0, text="done" if ok else "stopped")
+        self.status.update(label=label, state="complete" if ok else "error", expanded=False)
+
+
+# ----------------------------------------------------------------------------- errors
+def show_error(exc: BaseException, what: str = "") -> None:
+    """User problems (LabError) as one line; anything else as a short message with details folded."""
+    if isinstance(exc, LabError):
+        st.error(f"{what}{exc}", icon="⚠️")
+        return
+    st.error(f"{what}something went wrong ({type(exc).__name__}: {exc}). Other sessions are not "
+             f"affected; try again or change the settings.", icon="🛑")
+    with st.expander("Technical details"):
+        st.code("".join(traceback.format_exception(exc))[-4000:])
+
+
+@contextlib.contextmanager
+def guarded(what: str = ""):
+    """Run a block; show errors as messages instead of tracebacks. Streamlit's reruns pass through."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the page must survive any failure
+        show_error(exc, what)
+
+
+# ----------------------------------------------------------------------------- widgets and cards
+def param_widgets(params, prefix: str, container=None) -> dict:
+    """One widget per ParamSpec: numbers become sliders (number inputs for huge ranges), choices
+    selectboxes or radios, booleans checkboxes."""
+    c = container or st
+    values = {}
+    for p in params:
+        key = f"{prefix}.{p.name}"
+        label = p.name.replace("_", " ")
+        if p.kind in ("int", "float"):
+            is_int = p.kind == "int"
+            low, high = (int(p.low), int(p.high)) if is_int else (float(p.low), float(p.high))
+            step = p.step if p.step is not None else (1 if is_int else (high - low) / 100)
+            step = int(step) if is_int else float(step)
+            default = int(p.default) if is_int else float(p.default)
+            st.session_state.setdefault(key, default)
+            if (high - low) / max(step, 1e-12) <= 400:
+                values[p.name] = c.slider(label, low, high, step=step, key=key, help=p.help)
+            else:
+                values[p.name] = c.number_input(label, low, high, step=step, key=key, help=p.help)
+        elif p.kind == "choice":
+            st.session_state.setdefault(key, p.default)
+            opts = list(p.choices)
+            if len(opts) <= 4 and all(len(str(o)) <= 14 for o in opts):
+                values[p.name] = c.radio(label, opts, key=key, help=p.help, horizontal=True)
+            else:
+                values[p.name] = c.selectbox(label, opts, key=key, help=p.help)
+        elif p.kind == "bool":
+            st.session_state.setdefault(key, bool(p.default))
+            values[p.name] = c.checkbox(label, key=key, help=p.help)
+        else:
+            st.session_state.setdefault(key, str(p.default))
+            values[p.name] = c.text_input(label, key=key, help=p.help)
+    return values
+
+
+def metric_row(baseline: dict, compressed: dict) -> None:
+    cards = views.metric_cards(baseline, compressed)
+    for col, card in zip(st.columns(len(cards)), cards):
+        col.metric(card["label"], card["value"], card["delta"], delta_color=card["delta_color"],
+                   delta_arrow=card["delta_arrow"], help=f"teacher: {card['before']}", border=True)
+
+
+def teacher_metric_row(m: dict) -> None:
+    cols = st.columns(5)
+    cols[0].metric("Accuracy", views.fmt_pct(m.get("accuracy")), border=True,
+                   help=f"on {m.get('eval_images', '?')} test images")
+    cols[1].metric("Size", views.fmt_bytes(m.get("size_bytes")), border=True)
+    cols[2].metric("Parameters", views.fmt_count(m.get("params")), border=True)
+    cols[3].metric("MACs", views.fmt_count(m.get("macs")), border=True, help="multiply-accumulates per image")
+    cols[4].metric("Latency (batch 1, CPU)", views.fmt_ms(m.get("latency_ms_b1")), border=True)
+
+
+def download_model(result, key: str) -> None:
+    """The compressed model file exactly as core saved it (a state dict; load with weights_only=True)."""
+    from pathlib import Path
+    path = Path(result.model_path)
+    if not path.exists():
+        st.caption("The compressed model file is no longer in the cache.")
+        return
+    name = f"{result.dataset.replace(':', '_').replace('/', '_')}-{result.model}-{result.technique}-{result.key[:8]}.pt"
+    st.download_button(f"Download the compressed model ({views.fmt_bytes(path.stat().st_size)})",
+                       data=path.read_bytes(), file_name=name, mime="application/octet-stream", key=key,
+                       icon="⬇️", on_click="ignore")
+
+
+def pick_result(data, key: str, label: str = "Compressed model"):
+    """Choose one stored run for this dataset and teacher (default: this session's latest run)."""
+    runs = [r for r in store().all(dataset=data.name) if r.model == st.session_state.teacher_model]
+    if not runs:
+        return None
+    runs = runs[::-1]
+    last = st.session_state.get("last_result_key")
+    keys = [r.key for r in runs]
+    by_key = {r.key: r for r in runs}
+    if st.session_state.get(key) not in by_key:
+        st.session_state[key] = last if last in by_key else keys[0]
+    chosen = st.selectbox(label, keys, key=key, format_func=lambda k: (
+        f"{by_key[k].label()} · accuracy {views.fmt_pct(by_key[k].compressed.get('accuracy'))} · "
+        f"{views.fmt_bytes(by_key[k].compressed.get('size_bytes'))}"))
+    return by_key[chosen]
+
+
+def no_runs_hint(data) -> None:
+    st.info(f"No compressed model for {MODELS[st.session_state.teacher_model].title} on {data.label} yet: "
+            "run one first.", icon="ℹ️")
+    cols = st.columns(3)
+    cols[0].page_link("pages/pruning.py", label="Pruning", icon="✂️")
+    cols[1].page_link("pages/quantization.py", label="Quantization", icon="🔢")
+    cols[2].page_link("pages/distillation.py", label="Distillation", icon="⚗️")

@@ -1,0 +1,137 @@
+"""One page layout for every compression technique, driven by its registry entry (ParamSpecs)."""
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+
+from core import views
+from core.errors import LabError
+from core.models import MODELS
+from core.predict import cached_result
+from core.results import results_frame
+from core.runner import ExperimentConfig, run_experiment
+from core.techniques import get_technique
+from pages import _shared as sh
+
+
+def needs_training(spec, params: dict) -> bool:
+    """Whether these settings train (fine-tuning, distillation): then runs take minutes, not seconds."""
+    return any(p.kind == "int" and p.name.endswith("epochs") and params.get(p.name, 0) > 0 for p in spec.params)
+
+
+def teacher_reference(teacher) -> float | None:
+    hist = teacher.meta.get("history") or []
+    return hist[-1].get("val_accuracy") if hist else None
+
+
+def render(name: str) -> None:
+    spec = get_technique(name)
+    st.title(spec.title)
+    st.caption(spec.summary)
+    data = sh.require_data()
+    teacher = sh.require_teacher(data)
+    ss = st.session_state
+
+    left, right = st.columns([1, 2], gap="large")
+    with left:
+        st.subheader("Settings")
+        params = sh.param_widgets(spec.params, name)
+        full = st.checkbox("Evaluate on the full test set (slower)", key=f"{name}.full",
+                           help=f"Otherwise the fixed subset chosen in the sidebar ({sh.eval_label(ss.eval_size)}).")
+    cfg = ExperimentConfig(dataset=sh.dataset_name(), model=ss.teacher_model, technique=name, params=params,
+                           eval_size=0 if full else int(ss.eval_size), device=ss.device)
+    slow = needs_training(spec, params)
+    with left:
+        auto = st.toggle("Run when a setting changes", key=f"{name}.auto", value=True, disabled=slow,
+                         help="Settings that train (epochs > 0) always wait for the Run button.")
+        clicked = st.button("Run", type="primary", key=f"{name}.run", icon="▶️")
+        if slow:
+            st.caption("These settings train a network: the run takes a while. Changing a setting while it "
+                       "runs stops it.")
+
+    with right:
+        try:
+            result = cached_result(cfg, teacher, data, sh.store())
+        except LabError as exc:
+            st.error(f"⚠️ {exc}")
+            return
+        if result is None and (clicked or (auto and not slow)):
+            result = _run(spec, cfg, teacher, name)
+        if result is None:
+            last = ss.get(f"{name}.last")
+            if last is not None:
+                st.info("These settings have not been run yet — press **Run**. Below: your previous run "
+                        f"({last.label()}).", icon="ℹ️")
+                result = last
+            else:
+                st.info("Choose settings and press **Run**.", icon="ℹ️")
+        if result is not None:
+            ss[f"{name}.last"] = result
+            ss["last_result_key"] = result.key
+            show_result(result, spec, teacher)
+    if result is not None or sh.store().count():
+        sweep(spec, data, name)
+
+
+def _run(spec, cfg, teacher, name: str):
+    ref = teacher_reference(teacher)
+    with sh.job_slots().slot(f"{spec.title} ({MODELS[cfg.model].title})"):
+        prog = sh.LiveProgress(f"Running {spec.title.lower()}…", reference=ref)
+        try:
+            result = run_experiment(cfg, progress=prog, store=sh.store())
+        except Exception as exc:  # noqa: BLE001 - shown as a message; other sessions carry on
+            prog.done("Failed", ok=False)
+            sh.show_error(exc)
+            return None
+        prog.done(f"Done in {result.seconds:.1f} s" if not result.cached else "Loaded the stored result")
+    return result
+
+
+def show_result(result, spec, teacher) -> None:
+    st.subheader("Before → after")
+    how = "stored result (instant)" if result.cached else f"computed in {result.seconds:.1f} s"
+    st.caption(f"{result.label()} · {MODELS[result.model].title} on {result.dataset_label} · "
+               f"{result.eval_images:,} test images · latency runtime {result.runtime} · {how}")
+    sh.metric_row(result.baseline, result.compressed)
+    for note in result.notes or []:
+        st.warning(note, icon="📝")
+    if result.scratch:
+        acc = result.scratch.get("accuracy")
+        diff = result.compressed.get("accuracy", math.nan) - (acc if acc is not None else math.nan)
+        st.metric("Same student trained from scratch (no teacher)", views.fmt_pct(acc),
+                  f"distillation {100 * diff:+.1f} pts" if not math.isnan(diff) else None,
+                  delta_color="green" if diff > 0 else "red" if diff < 0 else "gray",
+                  delta_arrow="off", border=True)
+    series = {}
+    if result.history:
+        series["distill" if result.technique == "distill" else "finetune"] = result.history
+    if result.scratch_history:
+        series["scratch"] = result.scratch_history
+    if series:
+        st.altair_chart(views.history_chart(views.history_frame(series), teacher_reference(teacher)),
+                        width="stretch")
+    extra = result.compressed.get("extra") or {}
+    if extra:
+        with st.expander("Technique details"):
+            st.json(extra, expanded=False)
+    sh.download_model(result, key=f"dl.{spec.name}.{result.key}")
+
+
+def sweep(spec, data, name: str) -> None:
+    frame = results_frame(sh.store().all(dataset=data.name, technique=name))
+    if frame.empty:
+        return
+    frame = frame[frame["model"] == st.session_state.teacher_model]
+    if frame.empty:
+        return
+    st.divider()
+    st.subheader(f"Your {spec.title.lower()} runs so far ({len(frame)})")
+    param = views.main_param(spec.params)
+    c1, c2 = st.columns(2)
+    with c1:
+        st.caption(f"Accuracy vs {param}")
+        st.altair_chart(views.sweep_chart(frame, param), width="stretch")
+    with c2:
+        st.caption("Accuracy vs size (Pareto front dashed; ✚ = teacher)")
+        st.altair_chart(views.tradeoff_chart(frame, "compressed_size_bytes", "size (bytes)"), width="stretch")

@@ -1,0 +1,88 @@
+import streamlit as st
+
+from core import views
+from core.results import results_frame
+from pages import _shared as sh
+
+st.title("📊 Compare")
+st.caption("Every run stored on this machine (all sessions, the CLI too). Click a column header to sort.")
+
+store = sh.store()
+frame = results_frame(store.all())
+if frame.empty:
+    st.info("No runs yet: compress something first.", icon="ℹ️")
+    st.stop()
+
+c1, c2, c3 = st.columns(3)
+datasets = sorted(frame["dataset"].unique())
+techniques = sorted(frame["technique"].unique())
+models = sorted(frame["model"].unique())
+sel_d = c1.multiselect("Datasets", datasets, default=datasets, key="cmp.datasets")
+sel_t = c2.multiselect("Techniques", techniques, default=techniques, key="cmp.techniques")
+sel_m = c3.multiselect("Teachers", models, default=models, key="cmp.models")
+view = frame[frame["dataset"].isin(sel_d) & frame["technique"].isin(sel_t) & frame["model"].isin(sel_m)]
+
+table = views.compare_table(view)
+st.dataframe(table, hide_index=True, key="cmp.table", column_config={
+    "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+    "baseline_accuracy": st.column_config.NumberColumn("teacher acc", format="percent"),
+    "compressed_accuracy": st.column_config.NumberColumn("accuracy", format="percent"),
+    "accuracy_drop": st.column_config.NumberColumn("drop", format="percent"),
+    "scratch_accuracy": st.column_config.NumberColumn("scratch acc", format="percent"),
+    "size_ratio": st.column_config.NumberColumn("× smaller", format="%.2f"),
+    "latency_speedup_b1": st.column_config.NumberColumn("× faster", format="%.2f"),
+    "macs_ratio": st.column_config.NumberColumn("× fewer MACs", format="%.2f"),
+    "baseline_size_bytes": st.column_config.NumberColumn("teacher bytes", format="compact"),
+    "compressed_size_bytes": st.column_config.NumberColumn("bytes", format="compact"),
+    "baseline_latency_ms_b1": st.column_config.NumberColumn("teacher ms", format="%.2f"),
+    "compressed_latency_ms_b1": st.column_config.NumberColumn("ms", format="%.2f"),
+    "seconds": st.column_config.NumberColumn("run s", format="%.1f"),
+})
+st.download_button("Download as CSV", table.to_csv(index=False).encode(), file_name="compression_runs.csv",
+                   mime="text/csv", icon="⬇️", key="cmp.csv", on_click="ignore")
+
+if len(view):
+    a, b = st.columns(2)
+    with a:
+        st.subheader("Accuracy vs size")
+        st.altair_chart(views.tradeoff_chart(view, "compressed_size_bytes", "size (bytes, log)"), width="stretch")
+    with b:
+        st.subheader("Accuracy vs latency")
+        st.altair_chart(views.tradeoff_chart(view, "compressed_latency_ms_b1", "CPU latency, batch 1 (ms, log)"),
+                        width="stretch")
+    st.caption("◆ = on the Pareto front (no other run is both smaller/faster and more accurate); "
+               "dashed line: the front; ✚ = the teacher.")
+
+    st.subheader("Best technique per dataset")
+    ratio = st.slider("At least this many times smaller than the teacher", 1.0, 32.0, 2.0, 0.5, key="cmp.ratio")
+    best = views.best_per_dataset(view, ratio)
+    if best.empty:
+        st.caption("No run is that much smaller yet.")
+    else:
+        st.dataframe(best, hide_index=True, column_config={
+            "compressed_accuracy": st.column_config.NumberColumn("accuracy", format="percent"),
+            "accuracy_drop": st.column_config.NumberColumn("drop", format="percent"),
+            "size_ratio": st.column_config.NumberColumn("× smaller", format="%.2f"),
+            "latency_speedup_b1": st.column_config.NumberColumn("× faster", format="%.2f")})
+
+st.subheader("Download or delete runs")
+labels = {r.key: f"{r.dataset} · {r.model} · {r.label()}" for r in store.all()}
+keys = [k for k in view["key"]]
+with sh.guarded():
+    pick = st.selectbox("Run", keys, format_func=lambda k: labels.get(k, k), key="cmp.pick")
+    if pick:
+        r = store.get(pick)
+        if r is not None:
+            sh.download_model(r, key=f"cmp.dl.{pick}")
+    d1, d2 = st.columns(2)
+    doomed = d1.multiselect("Runs to delete", keys, format_func=lambda k: labels.get(k, k), key="cmp.doomed")
+    if d1.button("Delete selected", disabled=not doomed, key="cmp.delete", icon="🗑️"):
+        for k in doomed:
+            store.delete(k)
+        st.session_state.pop("cmp.doomed", None)
+        st.rerun()
+    sure = d2.checkbox("Yes, delete every run", key="cmp.sure")
+    if d2.button("Clear all runs", disabled=not sure, key="cmp.clear", icon="🧹"):
+        store.clear()
+        st.session_state.pop("cmp.sure", None)
+        st.rerun()

@@ -1,0 +1,65 @@
+import streamlit as st
+
+from core import views
+from core.models import MODELS
+from core.runner import baseline_metrics
+from core.teachers import TeacherSettings, find_teacher, get_teacher
+from core.training import TrainConfig
+from pages import _shared as sh
+
+ss = st.session_state
+st.title("🧑‍🏫 Teacher")
+data = sh.require_data()
+model = ss.teacher_model
+title = MODELS[model].title
+st.caption(f"{title} ({MODELS[model].description}) on {data.label}. Every compression starts from the newest "
+           "cached teacher of this dataset and architecture.")
+
+small = data.generated
+with st.form("train"):
+    c1, c2, c3, c4 = st.columns(4)
+    epochs = c1.number_input("Epochs", 1, 200, 3 if small else 8, key="teacher.epochs",
+                             help="A few epochs are enough on Shapes; real datasets want more.")
+    subset = c2.number_input("Training images (0 = all)", 0, len(data.train_y), 0, step=500,
+                             key="teacher.subset")
+    lr = c3.select_slider("Peak learning rate", [0.01, 0.02, 0.05, 0.1, 0.2], value=0.05 if small else 0.1,
+                          key="teacher.lr")
+    batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=128, key="teacher.batch")
+    submitted = st.form_submit_button("Train (or load if these settings are cached)", type="primary", icon="🏋️")
+
+settings = TeacherSettings(model, TrainConfig(epochs=int(epochs), subset=int(subset), lr=float(lr),
+                                              batch_size=int(batch)))
+if submitted:
+    with sh.guarded("Training failed: "):
+        if find_teacher(data, settings) is not None:
+            st.success("A teacher with these settings is already cached: nothing to train. (The "
+                       "compression pages use the newest cached teacher.)", icon="✅")
+        else:
+            with sh.job_slots().slot(f"teacher {title}"):
+                prog = sh.LiveProgress(f"Training {title} for {int(epochs)} epoch(s)…")
+                try:
+                    t = get_teacher(data, settings, device=ss.device, progress=prog, measure=False)
+                except Exception:
+                    prog.done("Training failed", ok=False)
+                    raise
+                prog.done(f"Trained in {t.meta.get('train_seconds', 0):.0f} s")
+
+teacher = sh.current_teacher(data)
+if teacher is None:
+    st.info(f"No {title} teacher is cached for {data.label} yet: choose the epochs and press **Train**.", icon="ℹ️")
+    st.stop()
+
+meta = teacher.meta
+st.subheader("Current teacher")
+tr = (meta.get("settings") or {}).get("train", {})
+st.caption(f"trained {meta.get('created', '?')} on {meta.get('device', '?')} · {tr.get('epochs', '?')} epochs · "
+           f"{'all' if not tr.get('subset') else tr.get('subset')} training images · "
+           f"{meta.get('train_seconds', 0):.0f} s of training · file {teacher.path.name}")
+with sh.guarded("Could not measure the teacher: "):
+    with st.spinner("Measuring accuracy, size, MACs and latency (once per teacher)…"):
+        m = baseline_metrics(teacher, data, int(ss.eval_size))
+    sh.teacher_metric_row(m)
+hist = meta.get("history") or []
+if hist:
+    st.altair_chart(views.history_chart(views.history_frame({"train": hist})), width="stretch")
+    st.caption("Solid: validation accuracy (fixed test subset); dashed: training accuracy (with augmentation).")
