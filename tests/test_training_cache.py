@@ -1,0 +1,142 @@
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from core import cache
+from core.datasets import load_dataset
+from core.teachers import TeacherSettings, find_teacher, get_teacher, latest_teacher, weights_path
+from core.training import TrainConfig, augment_batch, fit, one_cycle_lr
+from core.models import build_model
+
+
+def test_short_training_beats_chance_on_offline_default(shapes):
+    model = build_model("resnet8")
+    events = []
+    hist = fit(model, shapes, TrainConfig(epochs=2, subset=3000, batch_size=64, lr=0.05),
+               progress=events.append, eval_size=500)
+    assert len(hist) == 2 and set(hist[0]) >= {"train_loss", "train_accuracy", "val_accuracy", "seconds"}
+    assert hist[-1]["val_accuracy"] > 0.25          # chance is 0.10
+    kinds = {e.kind for e in events}
+    assert {"start", "batch", "epoch", "done"} <= kinds
+    assert [e.metrics["epoch"] for e in events if e.kind == "epoch"] == [1, 2]
+
+
+def test_augment_batch_crops_and_flips_only_where_allowed():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).to(torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(x, flip=False, gen=g, pad=0)
+    assert torch.equal(out, x)                       # no padding, no flip: identity
+    out = augment_batch(x, flip=True, gen=torch.Generator().manual_seed(3), pad=4)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_one_cycle_schedule_warms_up_then_anneals():
+    lrs = [one_cycle_lr(s, 100, 0.1, 0.25) for s in range(100)]
+    assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[0] < 0.01 and lrs[-1] < 0.005
+    assert lrs.index(max(lrs)) in range(20, 30)
+
+
+def _teacher_settings(epochs=1, subset=600):
+    return TeacherSettings("resnet34", TrainConfig(epochs=epochs, subset=subset, batch_size=64, lr=0.05))
+
+
+def test_cache_round_trip_and_sidecar(fresh_cache, shapes):
+    s = _teacher_settings()
+    t1 = get_teacher(shapes, s, device="cpu", measure=False)
+    assert not t1.cached and t1.path.exists()
+    meta = json.loads(t1.path.with_suffix(".json").read_text())
+    assert meta["status"] == "complete" and meta["sha256"] == cache.file_sha256(t1.path)
+    assert meta["history"] and meta["versions"]["torch"] == torch.__version__ and meta["created"]
+    t2 = get_teacher(shapes, s, device="cpu", measure=False)
+    assert t2.cached
+    for a, b in zip(t1.model.state_dict().values(), t2.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert latest_teacher(shapes, "resnet34").path == t1.path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_byte"])
+def test_corrupt_cache_entry_is_reported_and_treated_as_missing(fresh_cache, shapes, damage):
+    s = _teacher_settings()
+    t = get_teacher(shapes, s, device="cpu", measure=False)
+    # an unrelated entry must survive untouched
+    other = fresh_cache / "teachers" / "keep.txt"
+    other.write_text("keep me")
+    data = t.path.read_bytes()
+    if damage == "truncate":
+        t.path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        t.path.write_bytes(b"not a checkpoint at all")
+    else:
+        i = len(data) // 2
+        t.path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    with pytest.warns(UserWarning, match=str(t.path)):
+        assert find_teacher(shapes, s) is None
+    assert other.read_text() == "keep me"
+    again = get_teacher(shapes, s, device="cpu", measure=False)       # retrains and replaces it
+    assert not again.cached and find_teacher(shapes, s) is not None
+
+
+def test_malicious_pickle_is_never_executed(fresh_cache, shapes, tmp_path):
+    s = _teacher_settings()
+    t = get_teacher(shapes, s, device="cpu", measure=False)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"x": Evil()}, t.path)
+    meta = json.loads(t.path.with_suffix(".json").read_text())
+    meta["sha256"] = cache.file_sha256(t.path)       # even with a matching checksum
+    t.path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning):
+        assert find_teacher(shapes, s) is None
+    assert not marker.exists()
+
+
+def _train_in_child(cache_dir):
+    os.environ["COMPRESSION_LAB_CACHE"] = cache_dir
+    from core.datasets import load_dataset as ld
+    from core.teachers import get_teacher as gt
+    gt(ld("shapes"), _teacher_settings(epochs=3, subset=256), device="cpu", measure=False)
+
+
+def test_interrupted_training_leaves_no_finished_teacher_and_resumes(fresh_cache, shapes):
+    """Kill a training process mid-run: nothing half-trained is served; a rerun resumes."""
+    s = _teacher_settings(epochs=3, subset=256)
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_train_in_child, args=(str(fresh_cache),))
+    p.start()
+    partial = weights_path(shapes, s).with_suffix(".partial.pt")
+    deadline = time.time() + 240
+    while not partial.exists() and time.time() < deadline and p.is_alive():
+        time.sleep(0.2)
+    assert partial.exists(), "no epoch checkpoint was written"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    assert find_teacher(shapes, s) is None                          # not served as finished
+    ck = torch.load(partial, weights_only=True)
+    done = ck["epoch"]
+    events = []
+    t = get_teacher(shapes, s, device="cpu", measure=False, progress=events.append)
+    assert not t.cached and len(t.meta["history"]) == 3
+    trained_epochs = sorted({e.epoch for e in events if e.kind == "epoch"})
+    assert trained_epochs == list(range(done + 1, 4))                # finished epochs not redone
+    assert not partial.exists()
+
+
+def test_atomic_write_keeps_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "w.pt"
+    cache.atomic_torch_save({"a": torch.ones(3)}, target)
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        cache.atomic_torch_save({"a": Boom()}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]
