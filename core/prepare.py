@@ -159,7 +159,7 @@ class _Tracker:
         self.job = job
         job["first_epoch"] = None
         emit(self.progress, stage="prepare", kind="message",
-             message=f"{job['model']}: training {job['epochs']} epochs"
+             message=f"{job['model']}: training {job['epochs']} epoch{'s' if job['epochs'] != 1 else ''}"
                      + (f" ({job['estimate']['text']})" if job.get("estimate") else ""))
 
     def finish_job(self, job):

@@ -7,6 +7,7 @@ import pytest
 _SESSION_CACHE = tempfile.mkdtemp(prefix="lab-test-cache-")
 os.environ["COMPRESSION_LAB_CACHE"] = _SESSION_CACHE
 os.environ["COMPRESSION_LAB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see docs/teachers.md (threads)
 os.environ.setdefault("COMPRESSION_LAB_DATA", os.path.join(_SESSION_CACHE, "data"))
 
 

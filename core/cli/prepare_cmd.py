@@ -46,9 +46,9 @@ class OverallBar:
         from tqdm import tqdm
         if ev.stage == "prepare":
             if ev.kind == "start" and ev.total:
-                self.bar = tqdm(total=ev.total, desc="prepare", unit="batch", file=self.stream,
+                self.bar = tqdm(total=ev.total, desc="prepare: ", unit="batch", file=self.stream,
                                 disable=self.disable, dynamic_ncols=True,
-                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} batches "
+                                bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} batches "
                                            "[{elapsed} elapsed{postfix}]")
                 self._eta(ev)
             elif ev.kind == "batch" and self.bar is not None:
@@ -70,7 +70,7 @@ class OverallBar:
 
     def _eta(self, ev: Event) -> None:
         eta = ev.metrics.get("eta_seconds")
-        self.bar.set_postfix_str(f", ETA {human_duration(eta)}" if eta is not None else ", ETA unknown",
+        self.bar.set_postfix_str(f"ETA {human_duration(eta)}" if eta is not None else "ETA unknown",
                                  refresh=False)
 
     def close(self):
