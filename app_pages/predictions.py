@@ -2,9 +2,9 @@ import streamlit as st
 
 from core import views
 from core.predict import grid_indices, prediction_frame
-from pages import _shared as sh
+from app_pages import _shared as sh
 
-st.title("🖼️ Predictions")
+st.title("Predictions")
 st.caption("Test images with their true label, the teacher's prediction and the compressed model's. "
            "Red border: the compressed model is wrong. Orange: it is right but disagrees with the teacher.")
 data = sh.require_data()
@@ -36,7 +36,7 @@ with sh.guarded("Could not compute predictions: "):
     m3.metric("Disagreements", f"{int(frame.disagree.sum())} of {len(frame)}", border=True)
     items = views.grid_items(frame, images, only_disagreements=only)
     if not items:
-        st.success("The two models agree on every image of this sample.", icon="🤝")
+        st.success("The two models agree on every image of this sample.", icon=":material/handshake:")
     per_row = 8
     for start in range(0, len(items), per_row):
         cols = st.columns(per_row)

@@ -3,9 +3,9 @@ import streamlit as st
 from core import views
 from core.images import load_image_32
 from core.predict import example_images, image_probs, png_bytes
-from pages import _shared as sh
+from app_pages import _shared as sh
 
-st.title("📤 Try an image")
+st.title("Try an image")
 st.caption("Upload a photo or pick an example: it is shrunk to 32×32 pixels (what the models see) and both "
            "models give their five most likely classes.")
 data = sh.require_data()
@@ -28,7 +28,7 @@ else:
     name, image = examples[pick]
 
 if image is None:
-    st.info("Upload an image to see the predictions.", icon="ℹ️")
+    st.info("Upload an image to see the predictions.", icon=":material/info:")
     st.stop()
 
 result = sh.pick_result(data, "try.result")
@@ -41,7 +41,7 @@ with sh.guarded("Prediction failed: "):
         st.altair_chart(views.topk_chart(frame, f"Teacher: {frame['class'].iloc[0]}", "#333333"), width="stretch")
     with c2:
         if result is None:
-            st.info("No compressed model yet for this teacher: run a technique to compare.", icon="ℹ️")
+            st.info("No compressed model yet for this teacher: run a technique to compare.", icon=":material/info:")
         else:
             compressed = sh.compressed_model(result.key, result)
             frame = views.topk_frame(image_probs(compressed, data, image), data.classes)

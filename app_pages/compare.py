@@ -2,15 +2,15 @@ import streamlit as st
 
 from core import views
 from core.results import results_frame
-from pages import _shared as sh
+from app_pages import _shared as sh
 
-st.title("📊 Compare")
+st.title("Compare")
 st.caption("Every run stored on this machine (all sessions, the CLI too). Click a column header to sort.")
 
 store = sh.store()
 frame = results_frame(store.all())
 if frame.empty:
-    st.info("No runs yet: compress something first.", icon="ℹ️")
+    st.info("No runs yet: compress something first.", icon=":material/info:")
     st.stop()
 
 c1, c2, c3 = st.columns(3)
@@ -39,7 +39,7 @@ st.dataframe(table, hide_index=True, key="cmp.table", column_config={
     "seconds": st.column_config.NumberColumn("run s", format="%.1f"),
 })
 st.download_button("Download as CSV", table.to_csv(index=False).encode(), file_name="compression_runs.csv",
-                   mime="text/csv", icon="⬇️", key="cmp.csv", on_click="ignore")
+                   mime="text/csv", icon=":material/download:", key="cmp.csv", on_click="ignore")
 
 if len(view):
     a, b = st.columns(2)
@@ -76,13 +76,13 @@ with sh.guarded():
             sh.download_model(r, key=f"cmp.dl.{pick}")
     d1, d2 = st.columns(2)
     doomed = d1.multiselect("Runs to delete", keys, format_func=lambda k: labels.get(k, k), key="cmp.doomed")
-    if d1.button("Delete selected", disabled=not doomed, key="cmp.delete", icon="🗑️"):
+    if d1.button("Delete selected", disabled=not doomed, key="cmp.delete", icon=":material/delete:"):
         for k in doomed:
             store.delete(k)
         st.session_state.pop("cmp.doomed", None)
         st.rerun()
     sure = d2.checkbox("Yes, delete every run", key="cmp.sure")
-    if d2.button("Clear all runs", disabled=not sure, key="cmp.clear", icon="🧹"):
+    if d2.button("Clear all runs", disabled=not sure, key="cmp.clear", icon=":material/delete_sweep:"):
         store.clear()
         st.session_state.pop("cmp.sure", None)
         st.rerun()

@@ -47,7 +47,6 @@ def eval_label(n: int) -> str:
 def sidebar() -> None:
     init_state()
     with st.sidebar:
-        st.divider()
         names = list(DATASETS) + ["folder"]
         st.selectbox("Dataset", names, key="dataset",
                      format_func=lambda n: "Image folder…" if n == "folder" else
@@ -69,12 +68,12 @@ def sidebar() -> None:
             entry = teacher_entry(data, st.session_state.teacher_model)
             if entry is None:
                 st.warning(f"No cached {MODELS[st.session_state.teacher_model].title} teacher for "
-                           f"{data.label} yet — train one on the Teacher page.", icon="🧑‍🏫")
+                           f"{data.label} yet — train one on the Teacher page.", icon=":material/school:")
             else:
                 hist = entry[1].get("history") or [{}]
                 acc = hist[-1].get("val_accuracy")
                 st.success(f"Teacher cached ({len(hist)} epochs"
-                           + (f", validation {acc:.1%}" if acc is not None else "") + ")", icon="✅")
+                           + (f", validation {acc:.1%}" if acc is not None else "") + ")", icon=":material/check_circle:")
 
 
 def dataset_name() -> str:
@@ -97,7 +96,7 @@ def try_data():
     try:
         return _load_data(dataset_name())
     except LabError as exc:
-        st.error(f"**Dataset unavailable.** {exc}", icon="📦")
+        st.error(f"**Dataset unavailable.** {exc}", icon=":material/cloud_off:")
         return None
 
 
@@ -138,8 +137,8 @@ def require_teacher(data):
     t = current_teacher(data)
     if t is None:
         st.info(f"There is no cached **{MODELS[st.session_state.teacher_model].title}** teacher for "
-                f"**{data.label}** yet. Train it first (a few epochs are enough on Shapes).", icon="🧑‍🏫")
-        st.page_link("pages/teacher.py", label="Go to the Teacher page", icon="🧑‍🏫")
+                f"**{data.label}** yet. Train it first (a few epochs are enough on Shapes).", icon=":material/school:")
+        st.page_link("app_pages/teacher.py", label="Go to the Teacher page", icon=":material/school:")
         st.stop()
     return t
 
@@ -168,11 +167,12 @@ class JobSlots:
     @contextlib.contextmanager
     def slot(self, label: str):
         if not self.sem.acquire(blocking=False):
-            with st.status(f"Waiting for a free compute slot ({self.n} job(s) running: "
-                           f"{', '.join(self.running) or 'busy'})…", state="running") as s:
-                while not self.sem.acquire(timeout=0.5):
-                    pass
-                s.update(label="Got a compute slot", state="complete")
+            slot = st.empty()
+            slot.status(f"Waiting for a free compute slot: {self.n} heavy job(s) at a time, now running "
+                        f"{', '.join(self.running) or 'another job'}…", state="running")
+            while not self.sem.acquire(timeout=0.5):
+                pass
+            slot.empty()
         with self.lock:
             self.running.append(label)
         try:
@@ -247,10 +247,10 @@ class LiveProgress:
 def show_error(exc: BaseException, what: str = "") -> None:
     """User problems (LabError) as one line; anything else as a short message with details folded."""
     if isinstance(exc, LabError):
-        st.error(f"{what}{exc}", icon="⚠️")
+        st.error(f"{what}{exc}", icon=":material/warning:")
         return
     st.error(f"{what}something went wrong ({type(exc).__name__}: {exc}). Other sessions are not "
-             f"affected; try again or change the settings.", icon="🛑")
+             f"affected; try again or change the settings.", icon=":material/error:")
     with st.expander("Technical details"):
         st.code("".join(traceback.format_exception(exc))[-4000:])
 
@@ -300,9 +300,12 @@ def param_widgets(params, prefix: str, container=None) -> dict:
     return values
 
 
-def metric_row(baseline: dict, compressed: dict) -> None:
+def metric_row(baseline: dict, compressed: dict, per_row: int = 3) -> None:
     cards = views.metric_cards(baseline, compressed)
-    for col, card in zip(st.columns(len(cards)), cards):
+    cols = []
+    for start in range(0, len(cards), per_row):
+        cols += st.columns(per_row)
+    for col, card in zip(cols, cards):
         col.metric(card["label"], card["value"], card["delta"], delta_color=card["delta_color"],
                    delta_arrow=card["delta_arrow"], help=f"teacher: {card['before']}", border=True)
 
@@ -327,7 +330,7 @@ def download_model(result, key: str) -> None:
     name = f"{result.dataset.replace(':', '_').replace('/', '_')}-{result.model}-{result.technique}-{result.key[:8]}.pt"
     st.download_button(f"Download the compressed model ({views.fmt_bytes(path.stat().st_size)})",
                        data=path.read_bytes(), file_name=name, mime="application/octet-stream", key=key,
-                       icon="⬇️", on_click="ignore")
+                       icon=":material/download:", on_click="ignore")
 
 
 def pick_result(data, key: str, label: str = "Compressed model"):
@@ -349,8 +352,8 @@ def pick_result(data, key: str, label: str = "Compressed model"):
 
 def no_runs_hint(data) -> None:
     st.info(f"No compressed model for {MODELS[st.session_state.teacher_model].title} on {data.label} yet: "
-            "run one first.", icon="ℹ️")
+            "run one first.", icon=":material/info:")
     cols = st.columns(3)
-    cols[0].page_link("pages/pruning.py", label="Pruning", icon="✂️")
-    cols[1].page_link("pages/quantization.py", label="Quantization", icon="🔢")
-    cols[2].page_link("pages/distillation.py", label="Distillation", icon="⚗️")
+    cols[0].page_link("app_pages/pruning.py", label="Pruning", icon=":material/content_cut:")
+    cols[1].page_link("app_pages/quantization.py", label="Quantization", icon=":material/filter_9_plus:")
+    cols[2].page_link("app_pages/distillation.py", label="Distillation", icon=":material/science:")

@@ -5,10 +5,10 @@ from core.models import MODELS
 from core.runner import baseline_metrics
 from core.teachers import TeacherSettings, find_teacher, get_teacher
 from core.training import TrainConfig
-from pages import _shared as sh
+from app_pages import _shared as sh
 
 ss = st.session_state
-st.title("🧑‍🏫 Teacher")
+st.title("Teacher")
 data = sh.require_data()
 model = ss.teacher_model
 title = MODELS[model].title
@@ -25,7 +25,7 @@ with st.form("train"):
     lr = c3.select_slider("Peak learning rate", [0.01, 0.02, 0.05, 0.1, 0.2], value=0.05 if small else 0.1,
                           key="teacher.lr")
     batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=128, key="teacher.batch")
-    submitted = st.form_submit_button("Train (or load if these settings are cached)", type="primary", icon="🏋️")
+    submitted = st.form_submit_button("Train (or load if these settings are cached)", type="primary", icon=":material/fitness_center:")
 
 settings = TeacherSettings(model, TrainConfig(epochs=int(epochs), subset=int(subset), lr=float(lr),
                                               batch_size=int(batch)))
@@ -33,7 +33,7 @@ if submitted:
     with sh.guarded("Training failed: "):
         if find_teacher(data, settings) is not None:
             st.success("A teacher with these settings is already cached: nothing to train. (The "
-                       "compression pages use the newest cached teacher.)", icon="✅")
+                       "compression pages use the newest cached teacher.)", icon=":material/check_circle:")
         else:
             with sh.job_slots().slot(f"teacher {title}"):
                 prog = sh.LiveProgress(f"Training {title} for {int(epochs)} epoch(s)…")
@@ -46,7 +46,7 @@ if submitted:
 
 teacher = sh.current_teacher(data)
 if teacher is None:
-    st.info(f"No {title} teacher is cached for {data.label} yet: choose the epochs and press **Train**.", icon="ℹ️")
+    st.info(f"No {title} teacher is cached for {data.label} yet: choose the epochs and press **Train**.", icon=":material/info:")
     st.stop()
 
 meta = teacher.meta

@@ -5,11 +5,11 @@ import streamlit as st
 from core import views
 from core.models import MODELS
 from core.techniques import get_technique, technique_names
-from pages import _shared as sh
+from app_pages import _shared as sh
 
-PAGE_OF = {"prune": "pages/pruning.py", "quantize": "pages/quantization.py", "distill": "pages/distillation.py"}
+PAGE_OF = {"prune": "app_pages/pruning.py", "quantize": "app_pages/quantization.py", "distill": "app_pages/distillation.py"}
 
-st.title("🗜️ Model Compression Lab")
+st.title("Model Compression Lab")
 st.markdown("Make an image classifier **smaller and faster** and see what it costs in accuracy: "
             "train (or load) a big *teacher*, then prune it, quantize it or distill it into a small student, "
             "and compare every run on the same test images.")
@@ -31,7 +31,7 @@ with c2:
     st.metric("Teacher", MODELS[ss.teacher_model].title, "cached" if cached else "not trained yet",
               delta_color="green" if cached else "orange", delta_arrow="off", border=True)
     if not cached:
-        st.page_link("pages/teacher.py", label="Train it on the Teacher page", icon="🧑‍🏫")
+        st.page_link("app_pages/teacher.py", label="Train it on the Teacher page", icon=":material/school:")
 with c3:
     st.metric("Training device", ss.device.upper(), border=True, help="Latency is always measured on the CPU.")
 
@@ -44,7 +44,7 @@ for col, name in zip(st.columns(len(names)), names):
         sentences = re.split(r"(?<=[.!?])\s+", spec.summary.strip())
         st.write(" ".join(sentences[:2]))
         st.altair_chart(views.DIAGRAMS[name](), width="stretch")
-        st.page_link(PAGE_OF[name], label=f"Open {spec.title.lower()}", icon="➡️")
+        st.page_link(PAGE_OF[name], label=f"Open {spec.title.lower()}", icon=":material/arrow_forward:")
 
 st.subheader("How to use it in class")
 st.markdown(

@@ -12,7 +12,7 @@ from core.predict import cached_result
 from core.results import results_frame
 from core.runner import ExperimentConfig, run_experiment
 from core.techniques import get_technique
-from pages import _shared as sh
+from app_pages import _shared as sh
 
 
 def needs_training(spec, params: dict) -> bool:
@@ -45,7 +45,7 @@ def render(name: str) -> None:
     with left:
         auto = st.toggle("Run when a setting changes", key=f"{name}.auto", value=True, disabled=slow,
                          help="Settings that train (epochs > 0) always wait for the Run button.")
-        clicked = st.button("Run", type="primary", key=f"{name}.run", icon="▶️")
+        clicked = st.button("Run", type="primary", key=f"{name}.run", icon=":material/play_arrow:")
         if slow:
             st.caption("These settings train a network: the run takes a while. Changing a setting while it "
                        "runs stops it.")
@@ -54,7 +54,7 @@ def render(name: str) -> None:
         try:
             result = cached_result(cfg, teacher, data, sh.store())
         except LabError as exc:
-            st.error(f"⚠️ {exc}")
+            st.error(str(exc), icon=":material/warning:")
             return
         if result is None and (clicked or (auto and not slow)):
             result = _run(spec, cfg, teacher, name)
@@ -62,10 +62,10 @@ def render(name: str) -> None:
             last = ss.get(f"{name}.last")
             if last is not None:
                 st.info("These settings have not been run yet — press **Run**. Below: your previous run "
-                        f"({last.label()}).", icon="ℹ️")
+                        f"({last.label()}).", icon=":material/info:")
                 result = last
             else:
-                st.info("Choose settings and press **Run**.", icon="ℹ️")
+                st.info("Choose settings and press **Run**.", icon=":material/info:")
         if result is not None:
             ss[f"{name}.last"] = result
             ss["last_result_key"] = result.key
@@ -95,7 +95,7 @@ def show_result(result, spec, teacher) -> None:
                f"{result.eval_images:,} test images · latency runtime {result.runtime} · {how}")
     sh.metric_row(result.baseline, result.compressed)
     for note in result.notes or []:
-        st.warning(note, icon="📝")
+        st.warning(note, icon=":material/sticky_note_2:")
     if result.scratch:
         acc = result.scratch.get("accuracy")
         diff = result.compressed.get("accuracy", math.nan) - (acc if acc is not None else math.nan)

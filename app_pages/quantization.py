@@ -1,0 +1,3 @@
+from app_pages import _technique
+
+_technique.render("quantize")
