@@ -1,0 +1,261 @@
+"""The Streamlit app through streamlit.testing (AppTest): every page, real small runs, uploads.
+
+A tiny cached teacher (conftest `make_teacher`) is what the app picks up through
+`latest_teacher`, and evaluation uses 200 test images, so the whole file stays fast.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from core import views
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = ["app_pages/home.py", "app_pages/teacher.py", "app_pages/pruning.py", "app_pages/quantization.py",
+         "app_pages/distillation.py", "app_pages/predictions.py", "app_pages/try_image.py", "app_pages/compare.py"]
+
+
+def new_app(eval_size: int = 200) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["eval_size"] = eval_size
+    return at.run()
+
+
+def visit(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, f"{page}: {[e.value for e in at.exception]}"
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info]
+    parts += [e.value for e in at.error] + [w.value for w in at.warning] + [s.value for s in at.success]
+    return "\n".join(str(p) for p in parts)
+
+
+def metrics(at: AppTest) -> dict:
+    return {m.label: m for m in at.metric}
+
+
+def png(size=(48, 40), mode="RGB", fmt="PNG") -> bytes:
+    arr = (np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def teacher(make_teacher):
+    return make_teacher("resnet34", epochs=1, subset=1500)
+
+
+# ----------------------------------------------------------------------------- first launch
+def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
+    at = new_app()
+    assert not at.exception
+    assert "Generated data" in texts(at)
+    assert metrics(at)["Teacher"].delta == "not trained yet"
+    for page in PAGES[1:]:
+        visit(at, page)
+    visit(at, "app_pages/quantization.py")
+    assert "no cached" in texts(at).lower() and "Train it first" in texts(at)
+    visit(at, "app_pages/teacher.py")
+    assert at.number_input(key="teacher.epochs").value == 3   # small default for the offline dataset
+
+
+def test_missing_dataset_offline_is_a_message_not_a_traceback():
+    at = new_app()
+    at.selectbox(key="dataset").set_value("cifar10").run()
+    assert not at.exception
+    assert any("Dataset unavailable" in e.value for e in at.error)
+    visit(at, "app_pages/pruning.py")
+    assert any("Dataset unavailable" in e.value for e in at.error)
+    assert "Shapes works offline" in texts(at)
+
+
+# ----------------------------------------------------------------------------- with a teacher
+def test_teacher_page_shows_the_cached_teacher(teacher):
+    at = visit(new_app(), "app_pages/teacher.py")
+    m = metrics(at)
+    assert {"Accuracy", "Size", "Parameters", "MACs", "Latency (batch 1, CPU)"} <= set(m)
+    assert m["Parameters"].value.endswith("M")          # resnet34: ~21M parameters
+    assert "Current teacher" in [s.value for s in at.subheader]
+
+
+def test_quantization_slider_change_reruns_and_shows_a_result(teacher):
+    at = visit(new_app(), "app_pages/quantization.py")
+    assert "bits=8" in texts(at)                        # auto-run on load: no training involved
+    size8 = metrics(at)["Size"].value
+    at.slider(key="quantize.bits").set_value(4).run()
+    assert not at.exception
+    assert "bits=4" in texts(at) and "computed in" in texts(at)
+    size4 = metrics(at)["Size"].value
+    assert size4 != size8 and "smaller" in metrics(at)["Size"].delta
+    t0 = time.perf_counter()
+    at.slider(key="quantize.bits").set_value(8).run()   # same settings again: the stored result
+    assert time.perf_counter() - t0 < 30
+    assert "stored result (instant)" in texts(at) and metrics(at)["Size"].value == size8
+    assert at.get("download_button"), "the compressed model can be downloaded"
+    assert "Your quantization runs so far (2)" in [s.value for s in at.subheader]
+
+
+def test_pruning_slider_change_and_distillation_run(teacher):
+    at = visit(new_app(), "app_pages/pruning.py")
+    at.slider(key="prune.ratio").set_value(0.3).run()
+    assert not at.exception
+    assert "ratio=0.3" in texts(at)
+    assert "smaller" in metrics(at)["Parameters"].delta  # structured pruning removes channels
+
+    visit(at, "app_pages/distillation.py")
+    assert "press **Run**" in texts(at)                 # training settings never auto-run
+    at.radio(key="distill.student").set_value("cnn_small")
+    at.slider(key="distill.epochs").set_value(1)
+    at.number_input(key="distill.subset").set_value(500)
+    at.run()
+    at.button(key="distill.run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    m = metrics(at)
+    assert "Same student trained from scratch (no teacher)" in m
+    assert "student=cnn_small" in texts(at)
+
+
+def test_predictions_grid_and_disagreement_filter(teacher):
+    at = visit(new_app(), "app_pages/predictions.py")
+    if "run one first" in texts(at):                    # run in isolation: make one result first
+        visit(at, "app_pages/quantization.py")
+        visit(at, "app_pages/predictions.py")
+    m = metrics(at)
+    assert {"Teacher correct", "Compressed correct", "Disagreements"} <= set(m)
+    n_images = len(at.get("image"))
+    assert n_images >= 1
+    disagreements = int(m["Disagreements"].value.split()[0])
+    at.toggle(key="pred.only").set_value(True).run()
+    assert not at.exception
+    shown = len(at.get("image"))
+    assert shown == disagreements or (disagreements == 0 and "agree on every image" in texts(at))
+
+
+UPLOADS = [
+    ("photo.png", png(), True),
+    ("wide.jpg", png((300, 120), fmt="JPEG"), True),
+    ("gray16.png", png(mode="I;16"), True),
+    ("rgba.png", png(mode="RGBA"), True),
+    ("cmyk.jpg", png(mode="CMYK", fmt="JPEG"), True),
+    ("photo.webp", png(fmt="WEBP"), True),
+    ("notes.png", b"this is not an image at all", False),   # a non-image with an image name
+    ("cut.png", png((64, 64))[:200], False),                # truncated
+]
+
+
+@pytest.mark.parametrize("name,content,ok", UPLOADS, ids=[u[0] for u in UPLOADS])
+def test_upload_good_and_bad_images(teacher, name, content, ok):
+    at = visit(new_app(), "app_pages/try_image.py")
+    assert len(at.get("image")) == 1                     # a bundled example is shown first
+    at.radio(key="try.source").set_value("Upload").run()
+    at.file_uploader(key="try.upload").upload(name, content, "image/png").run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value for e in at.error]
+    if ok:
+        assert not errors
+        assert len(at.get("image")) == 1 and at.get("image")[0].captions[0].startswith(f"{name}: as the model sees it")
+    else:
+        assert errors and errors[0].startswith(f"Cannot use {name}: ")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_upload_decompression_bomb_is_refused(teacher):
+    buf = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(buf, format="PNG")   # 48 Mpixel, tiny file
+    at = visit(new_app(), "app_pages/try_image.py")
+    at.radio(key="try.source").set_value("Upload").run()
+    at.file_uploader(key="try.upload").upload("bomb.png", buf.getvalue(), "image/png").run()
+    assert not at.exception
+    assert any("too large" in e.value for e in at.error)
+
+
+def test_compare_table_download_and_delete(teacher):
+    from core.results import ResultStore
+    at = visit(new_app(), "app_pages/compare.py")
+    if not at.dataframe:
+        visit(at, "app_pages/quantization.py")
+        visit(at, "app_pages/compare.py")
+    before = ResultStore().count()
+    assert before >= 1 and at.dataframe
+    assert any(b.label == "Download as CSV" for b in at.get("download_button"))
+    assert "Accuracy vs size" in [s.value for s in at.subheader]
+    key = at.multiselect(key="cmp.doomed").options[0]
+    at.multiselect(key="cmp.doomed").select(key).run()
+    at.button(key="cmp.delete").click().run()
+    assert not at.exception
+    assert ResultStore().count() == before - 1
+
+
+# ----------------------------------------------------------------------------- sessions share slots
+def test_job_slots_limit_concurrency_and_survive_errors():
+    from app_pages._shared import JobSlots
+    slots = JobSlots(1)
+    active, peak, done = [0], [0], []
+    lock = threading.Lock()
+
+    def job(i, fail=False):
+        try:
+            with slots.slot(f"job {i}"):
+                with lock:
+                    active[0] += 1
+                    peak[0] = max(peak[0], active[0])
+                time.sleep(0.2)
+                with lock:
+                    active[0] -= 1
+                if fail:
+                    raise RuntimeError("boom")
+            done.append(i)
+        except RuntimeError:
+            done.append(f"failed {i}")
+
+    threads = [threading.Thread(target=job, args=(i, i == 0)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert peak[0] == 1
+    assert sorted(map(str, done)) == ["1", "2", "failed 0"]
+    assert slots.running == []
+
+
+# ----------------------------------------------------------------------------- view helpers
+def test_pareto_front_keeps_only_undominated_runs():
+    df = pd.DataFrame({"cost": [1, 2, 3, 4, 2.5], "compressed_accuracy": [0.5, 0.8, 0.7, 0.9, 0.8]})
+    assert views.pareto_mask(df, "cost").tolist() == [True, True, False, True, False]
+
+
+def test_metric_cards_say_smaller_faster_and_points():
+    cards = {c["label"]: c for c in views.metric_cards(
+        {"accuracy": 0.9, "size_bytes": 4000, "params": 100, "macs": 10, "latency_ms_b1": 2.0},
+        {"accuracy": 0.85, "size_bytes": 1000, "params": 100, "macs": 5, "latency_ms_b1": 1.95})}
+    assert cards["Accuracy"]["delta"] == "-5.0 pts" and cards["Accuracy"]["delta_color"] == "red"
+    assert cards["Size"]["delta"] == "4.00× smaller" and cards["Size"]["delta_color"] == "green"
+    assert cards["Parameters"]["delta"] == "about the same"
+    assert cards["Latency (batch 1, CPU)"]["delta"] == "about the same"   # 2.5% is timing noise
+
+
+def test_best_per_dataset_respects_the_minimum_compression():
+    df = pd.DataFrame({"dataset": ["a", "a", "b"], "technique": ["prune", "quantize", "distill"],
+                       "setting": ["p", "q", "d"], "compressed_accuracy": [0.9, 0.8, 0.7],
+                       "accuracy_drop": [0.0, 0.1, 0.2], "size_ratio": [1.5, 4.0, 10.0],
+                       "latency_speedup_b1": [1.0, 1.0, 3.0]})
+    assert views.best_per_dataset(df, 1.0)["technique"].tolist() == ["prune", "distill"]
+    assert views.best_per_dataset(df, 2.0)["technique"].tolist() == ["quantize", "distill"]
+    assert views.best_per_dataset(df, 50.0).empty
