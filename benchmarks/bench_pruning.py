@@ -1,0 +1,124 @@
+"""Pruning benchmark (CPU): does channel pruning really make models smaller and faster, and
+how much accuracy does a short fine-tuning win back? Not a test; docs/bench_pruning.md has results.
+
+Per teacher, on the offline default dataset ("shapes"), in one run:
+  1. structured, ratio 0.5 (layer-wise, L1): MACs and params teacher vs pruned, batch-64 and
+     batch-1 CPU latency timed interleaved (core.metrics.compare_latency), accuracy without fine-tuning;
+  2. structured, ratio 0.3 with 0, 1 and 2 epochs of fine-tuning: accuracy vs the teacher.
+Targets (issue): ratio 0.5 -> MACs >= 2.5x lower and batch-64 speedup >= 0.7 x the MAC reduction;
+ratio 0.3 + 1 fine-tuning epoch -> within 3 points of the teacher.
+
+Teachers come from the shared cache (cached_models/, or COMPRESSION_LAB_CACHE) and are trained
+there once if missing: the default recipe unless --teacher-epochs/--teacher-subset say otherwise.
+
+  nice -n 10 python benchmarks/bench_pruning.py --teacher-epochs 3 --teacher-subset 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
+
+from core.datasets import load_dataset  # noqa: E402
+from core.metrics import compare_latency, count_macs, count_params  # noqa: E402
+from core.progress import TqdmProgress  # noqa: E402
+from core.teachers import TeacherSettings, get_teacher  # noqa: E402
+from core.techniques import Context, get_technique  # noqa: E402
+from core.training import TrainConfig, evaluate_accuracy  # noqa: E402
+
+
+class Clock:
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> dict:
+        return {"wall_s": round(time.perf_counter() - self.wall, 1), "cpu_s": round(time.process_time() - self.cpu, 1)}
+
+
+def bench_model(name: str, data, teacher_cfg: TrainConfig, args, progress) -> dict:
+    clock = Clock()
+    teacher = get_teacher(data, TeacherSettings(name, teacher_cfg), device="cpu", progress=progress, measure=False)
+    row = {"model": name, "teacher_cached": teacher.cached, "teacher_path": str(teacher.path),
+           "teacher_train": teacher.meta["settings"]["train"], "teacher_step": clock.lap()}
+    x, y = data.eval_split(args.eval_size)
+    spec = get_technique("prune")
+
+    def prune(**params):
+        return spec.apply(Context(teacher, data, spec.validate(params), device="cpu", progress=progress,
+                                  eval_size=args.eval_size))
+
+    def acc(model) -> float:
+        return round(evaluate_accuracy(model, data, x, y), 4)
+
+    row["teacher_accuracy"] = acc(teacher.model)
+    macs_t, params_t = count_macs(teacher.model), count_params(teacher.model)
+
+    # 1. ratio 0.5: size, MACs, interleaved latency
+    clock = Clock()
+    out = prune(ratio=0.5)
+    macs_p, params_p = count_macs(out.model), count_params(out.model)
+    lt64, lp64, speed64 = compare_latency(teacher.model, out.model, batch_size=64, rounds=args.rounds64, warmup=2)
+    lt1, lp1, speed1 = compare_latency(teacher.model, out.model, batch_size=1, rounds=args.rounds1, warmup=3)
+    mac_reduction = macs_t / macs_p
+    row["ratio_0.5"] = {
+        "macs_teacher": macs_t, "macs_pruned": macs_p, "mac_reduction": round(mac_reduction, 2),
+        "params_teacher": params_t, "params_pruned": params_p, "param_reduction": round(params_t / params_p, 2),
+        "latency_b64_ms": [round(lt64.median_ms, 1), round(lp64.median_ms, 1)],
+        "speedup_b64": round(speed64, 2), "speedup_b64_over_mac_reduction": round(speed64 / mac_reduction, 2),
+        "latency_b1_ms": [round(lt1.median_ms, 2), round(lp1.median_ms, 2)], "speedup_b1": round(speed1, 2),
+        "threads": lt64.threads, "accuracy_no_finetune": acc(out.model),
+        "target_macs_2.5x": mac_reduction >= 2.5, "target_speedup_0.7x": speed64 >= 0.7 * mac_reduction,
+        "step": clock.lap()}
+
+    # 2. ratio 0.3: accuracy after 0, 1, 2 fine-tuning epochs (each a separate run of its own schedule)
+    curve = []
+    for epochs in args.curve:
+        clock = Clock()
+        out = prune(ratio=0.3, finetune_epochs=epochs, finetune_subset=args.ft_subset)
+        curve.append({"finetune_epochs": epochs, "accuracy": acc(out.model),
+                      "history": [{k: round(v, 4) for k, v in h.items()} for h in out.history], "step": clock.lap()})
+    row["ratio_0.3"] = {"macs_pruned": count_macs(out.model), "curve": curve}
+    one = [c for c in curve if c["finetune_epochs"] == 1]
+    if one:
+        row["ratio_0.3"]["gap_points_after_1_epoch"] = round(100 * (row["teacher_accuracy"] - one[0]["accuracy"]), 1)
+        row["ratio_0.3"]["target_within_3_points"] = row["ratio_0.3"]["gap_points_after_1_epoch"] <= 3.0
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["resnet34", "densenet121"])
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the default recipe's")
+    ap.add_argument("--teacher-subset", type=int, default=None, help="training images (default: all)")
+    ap.add_argument("--ft-subset", type=int, default=0, help="fine-tuning images (0 = all)")
+    ap.add_argument("--curve", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning epochs at ratio 0.3")
+    ap.add_argument("--eval-size", type=int, default=1000)
+    ap.add_argument("--rounds64", type=int, default=10)
+    ap.add_argument("--rounds1", type=int, default=30)
+    ap.add_argument("--out", default="/tmp/bench_pruning.jsonl")
+    args = ap.parse_args(argv)
+    base = TrainConfig()
+    teacher_cfg = TrainConfig(epochs=args.teacher_epochs if args.teacher_epochs is not None else base.epochs,
+                              subset=args.teacher_subset if args.teacher_subset is not None else base.subset)
+    data = load_dataset("shapes")
+    progress = TqdmProgress()
+    start = Clock()
+    for name in args.models:
+        row = bench_model(name, data, teacher_cfg, args, progress)
+        row["loadavg"] = os.getloadavg()
+        line = json.dumps(row)
+        print(line, flush=True)
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    print(json.dumps({"total": start.lap(), "argv": sys.argv[1:]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
