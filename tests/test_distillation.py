@@ -99,6 +99,12 @@ def test_teacher_logits_computed_once(make_teacher, shapes, monkeypatch):
     _, computed = kd.teacher_logits(teacher, shapes, torch.arange(0, 112))
     assert computed == 64 and sum(calls) == 112
 
+    # a damaged cache file is reported and rebuilt, never trusted
+    path.write_bytes(b"not a tensor file")
+    with pytest.warns(UserWarning, match="logits"):
+        rebuilt, computed = kd.teacher_logits(teacher, shapes, idx)
+    assert computed == 48 and torch.allclose(rebuilt[idx], expected, atol=1e-4)
+
 
 def test_distill_experiment_scratch_cache_and_repeat(make_teacher, shapes, monkeypatch):
     teacher = make_teacher()
