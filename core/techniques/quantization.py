@@ -1,0 +1,292 @@
+"""Quantization: simulated low-bit weights (any width 1-16), real int8 on the CPU, fp16/bf16.
+
+Modes
+- fake: conv/linear weights rounded to a symmetric `bits`-bit grid (per output channel by default;
+  1 bit = sign × per-channel scale); optional activation fake-quantization with `act_bits`,
+  calibrated on training images. Size is the bit-packed size; latency stays fp32 (simulation).
+- int8: ONNX export + ONNX Runtime static post-training quantization (int8 weights, uint8
+  activations, calibrated); the fp32 baseline is re-timed as an fp32 ONNX Runtime session.
+- fp16 / bf16: a half-precision copy run by PyTorch on the CPU.
+
+Parameters that do not apply to the chosen mode are reset to their defaults (so the cache
+key does not depend on them): bits/activations/act_bits only matter in fake mode,
+granularity in fake and int8 mode, calibration_images when something is calibrated.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+from .. import metrics
+from ..errors import LabError
+from ..models import build_model
+from ..progress import emit
+from . import quant_fake, quant_ort
+from . import register
+from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
+
+MODES = ("fake", "int8", "fp16", "bf16")
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+PARAMS = [
+    ParamSpec("mode", "choice", "fake", choices=MODES,
+              help="fake: simulated low-bit weights (any bit width); int8: real int8 model run by "
+                   "ONNX Runtime on the CPU; fp16/bf16: half-precision copy"),
+    ParamSpec("bits", "int", 8, 1, 16, step=1,
+              help="weight bit width in fake mode (1 = binary: sign × per-channel scale)"),
+    ParamSpec("granularity", "choice", "per_channel", choices=("per_channel", "per_tensor"),
+              help="one symmetric weight scale per output channel, or one per layer (fake and int8)"),
+    ParamSpec("activations", "bool", False,
+              help="fake mode: also fake-quantize layer inputs with act_bits, calibrated on training images"),
+    ParamSpec("act_bits", "int", 8, 2, 16, step=1,
+              help="activation bit width when activations is on (fake mode; int8 mode always uses 8)"),
+    ParamSpec("calibration_images", "int", 256, 16, 5000, step=16,
+              help="training images used to calibrate activation ranges (int8, or fake with activations)"),
+]
+_DEFAULTS = {p.name: p.default for p in PARAMS}
+
+
+def _normalise(p: dict) -> None:
+    """Reset parameters that the chosen mode ignores, so equal work shares one cache entry."""
+    mode = p["mode"]
+    ignored = set()
+    if mode != "fake":
+        ignored |= {"bits", "activations", "act_bits"}
+    if mode in ("fp16", "bf16"):
+        ignored |= {"granularity", "calibration_images"}
+    if mode == "fake" and not p["activations"]:
+        ignored |= {"act_bits", "calibration_images"}
+    for k in ignored:
+        p[k] = _DEFAULTS[k]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _teacher_copy(ctx: Context) -> nn.Module:
+    return copy.deepcopy(ctx.teacher.model).cpu().float().eval()
+
+
+def calibration_images(data, n: int, seed: int = 7) -> torch.Tensor:
+    """n normalized training images (a fixed stratified subset), NCHW float32."""
+    from ..datasets import stratified_subset
+    n = min(int(n), len(data.train_y))
+    idx = stratified_subset(data.train_y, n, seed=seed)
+    return data.normalize(data.train_x[idx]).contiguous()
+
+
+def _fp32_file_bytes(ctx: Context) -> int:
+    path = getattr(ctx.teacher, "path", None)
+    if path and os.path.exists(path):
+        return os.path.getsize(path)
+    return len(metrics.serialized_bytes(ctx.teacher.model))
+
+
+_COUNTS: dict = {}   # fp32 architecture counts by teacher checksum: counting MACs traces the model
+
+
+def _counts(ctx: Context, model: nn.Module) -> dict:
+    """MACs and parameter counts of the fp32 architecture (the teacher's record when it has one)."""
+    key = ctx.teacher.meta.get("sha256")
+    if key and key in _COUNTS:
+        return dict(_COUNTS[key])
+    known = ctx.teacher.meta.get("metrics") or {}
+    counts = {"macs": int(known.get("macs") or metrics.count_macs(model)),
+              "params": metrics.count_params(model), "nonzero_params": metrics.count_nonzero_params(model)}
+    if key:
+        _COUNTS[key] = counts
+    return dict(counts)
+
+
+def _arch(ctx: Context) -> tuple[str, int]:
+    meta = ctx.teacher.meta
+    return meta["model"], int(meta.get("num_classes", ctx.data.num_classes))
+
+
+# ----------------------------------------------------------------------------- fake
+def _apply_fake(ctx: Context, p: dict) -> TechniqueOutput:
+    bits, per_channel = p["bits"], p["granularity"] == "per_channel"
+    model = _teacher_copy(ctx)
+    counts = _counts(ctx, model)
+    emit(ctx.progress, stage="quantize", kind="message",
+         message=f"rounding conv/linear weights to {bits} bits ({p['granularity'].replace('_', ' ')})")
+    record = quant_fake.fake_quantize_weights(model, bits, per_channel)
+    state = {"format": "fake-quant", "bits": bits, "per_channel": per_channel, "weights": record,
+             "other": {k: v for k, v in model.state_dict().items()
+                       if k not in {f"{n}.weight" for n in record["names"]}}}
+    act_layers = 0
+    if p["activations"]:
+        quantizer = quant_fake.ActivationQuantizer(model, p["act_bits"])
+        images = calibration_images(ctx.data, p["calibration_images"])
+        emit(ctx.progress, stage="calibrate", kind="message",
+             message=f"calibrating {p['act_bits']}-bit activation ranges on {len(images)} training images")
+        quant_fake.calibrate(model, images, quantizer, ctx.progress)
+        state["activations"] = quantizer.state()
+        act_layers = len(quantizer.qparams)
+        model._activation_quantizer = quantizer  # keeps the hooks' owner alive with the model
+    size = quant_fake.packed_size(model, bits, record, act_layers)
+    fp32_bytes = _fp32_file_bytes(ctx)
+    extra = dict(size, mode="fake", bits=bits, granularity=p["granularity"],
+                 activation_bits=p["act_bits"] if p["activations"] else None,
+                 fp32_file_bytes=fp32_bytes, packed_ratio=fp32_bytes / max(1, size["packed_bytes"]),
+                 quantized_layers=len(record["names"]))
+    notes = [f"Simulated quantization: weights take {bits} bits each in the packed size, but the model "
+             "still computes in fp32, so its latency is that of the original."]
+    return TechniqueOutput(model=model, state=state, size_bytes=size["packed_bytes"], extra=extra,
+                           notes=notes, **counts)
+
+
+def _load_fake(state: dict, ctx: Context) -> nn.Module:
+    name, num_classes = _arch(ctx)
+    model = build_model(name, num_classes).eval()
+    missing, unexpected = model.load_state_dict(state["other"], strict=False)
+    weights = {f"{n}.weight" for n in state["weights"]["names"]}
+    if unexpected or set(missing) - weights:
+        raise LabError(f"saved quantized model does not fit {name}")
+    quant_fake.restore_weights(model, state["weights"], state["bits"], state["per_channel"])
+    if "activations" in state:
+        quantizer = quant_fake.ActivationQuantizer(model, int(state["activations"]["bits"]))
+        quantizer.load(state["activations"])
+        model._activation_quantizer = quantizer
+    return model
+
+
+# ----------------------------------------------------------------------------- int8 (ONNX Runtime)
+def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
+    model = _teacher_copy(ctx)
+    counts = _counts(ctx, model)   # the counters cannot read an ONNX model; the architecture is the same
+    fp32_bytes = _fp32_file_bytes(ctx)
+    extra = {"mode": "int8", "granularity": p["granularity"], "fp32_file_bytes": fp32_bytes,
+             "calibration_images": p["calibration_images"]}
+    emit(ctx.progress, stage="quantize", kind="message", message="exporting to ONNX")
+    try:
+        fp32_onnx = quant_ort.export_onnx(model)
+    except Exception as exc:
+        note = (f"int8: {_arch(ctx)[0]} could not be exported to ONNX ({type(exc).__name__}: "
+                f"{str(exc)[:160]}); kept the fp32 PyTorch model, nothing was quantized")
+        return TechniqueOutput(model=model, state={"format": "torch-fp32", "state_dict": model.state_dict()},
+                               extra=dict(extra, quantized=False), notes=[note], **counts)
+    baseline = quant_ort.OrtModule(fp32_onnx, "fp32")
+    images = calibration_images(ctx.data, p["calibration_images"])
+    emit(ctx.progress, stage="calibrate", kind="message",
+         message=f"calibrating int8 activation ranges on {len(images)} training images")
+    notes = []
+    try:
+        int8_onnx = quant_ort.quantize_int8(fp32_onnx, images, p["granularity"] == "per_channel", ctx.progress)
+        qmodel = quant_ort.OrtModule(int8_onnx, "int8")
+        agree = _agreement(qmodel, baseline, images[:256])
+        extra.update(quantized=True, calibration_argmax_agreement=agree, **quant_ort.onnx_summary(int8_onnx))
+        if agree < 0.9:
+            notes.append(f"int8 predictions agree with fp32 on only {agree:.0%} of the calibration images")
+        state = {"format": "onnx", "precision": "int8", "onnx": quant_ort.bytes_to_tensor(int8_onnx)}
+    except Exception as exc:
+        notes.append(f"int8: quantizing {_arch(ctx)[0]} failed ({type(exc).__name__}: {str(exc)[:160]}); "
+                     "kept the fp32 ONNX model, nothing was quantized")
+        qmodel = baseline
+        extra.update(quantized=False)
+        state = {"format": "onnx", "precision": "fp32", "onnx": quant_ort.bytes_to_tensor(fp32_onnx)}
+    extra["fp32_onnx_bytes"] = len(fp32_onnx)
+    return TechniqueOutput(model=qmodel, state=state, eval_device="cpu", runtime=quant_ort.RUNTIME,
+                           baseline_model=baseline, extra=extra, notes=notes, **counts)
+
+
+def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+
+
+def _load_int8(state: dict, ctx: Context) -> nn.Module:
+    if state["format"] == "torch-fp32":
+        name, num_classes = _arch(ctx)
+        model = build_model(name, num_classes)
+        model.load_state_dict(state["state_dict"])
+        return model.eval()
+    return quant_ort.OrtModule(quant_ort.tensor_to_bytes(state["onnx"]), state.get("precision", "int8"))
+
+
+# ----------------------------------------------------------------------------- fp16 / bf16
+def half_support(mode: str) -> tuple[bool, str]:
+    """Whether this CPU can run convolutions in `mode`, and a line about how well."""
+    dtype = HALF_DTYPES[mode]
+    try:
+        conv = nn.Conv2d(3, 4, 3).to(dtype).eval()
+        with torch.inference_mode():
+            conv(torch.zeros(1, 3, 8, 8, dtype=dtype))
+    except Exception as exc:
+        return False, f"this PyTorch build cannot run {mode} convolutions on the CPU ({type(exc).__name__})"
+    cap = torch.backends.cpu.get_cpu_capability()
+    mkldnn = torch.backends.mkldnn.is_available()
+    if mode == "bf16":
+        native = mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if not native:
+            return False, (f"this CPU ({cap}) has no bfloat16 support in oneDNN (needs AVX-512 BF16/AMX or "
+                           "similar); use fp16 or int8")
+        return True, f"bf16 runs through oneDNN on this CPU ({cap})"
+    native = mkldnn and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if native:
+        return True, f"fp16 runs natively through oneDNN on this CPU ({cap})"
+    return True, (f"this CPU ({cap}) has no native fp16 arithmetic: fp16 halves the size but is computed "
+                  "by slower fallback kernels, so expect it to be no faster (often slower) than fp32")
+
+
+def _apply_half(ctx: Context, p: dict) -> TechniqueOutput:
+    mode = p["mode"]
+    ok, line = half_support(mode)
+    if not ok:
+        raise LabError(f"mode={mode} is not available here: {line}")
+    dtype = HALF_DTYPES[mode]
+    model = _teacher_copy(ctx)
+    counts = _counts(ctx, model)
+    model = model.to(dtype).to(memory_format=torch.channels_last).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return TechniqueOutput(model=model, state=state, input_dtype=dtype, eval_device="cpu",
+                           extra={"mode": mode, "dtype": str(dtype).replace("torch.", "")},
+                           notes=[line], **counts)
+
+
+def _load_half(state: dict, ctx: Context, mode: str) -> nn.Module:
+    name, num_classes = _arch(ctx)
+    model = build_model(name, num_classes).to(HALF_DTYPES[mode])
+    model.load_state_dict(state)
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- spec
+def apply(ctx: Context) -> TechniqueOutput:
+    p = SPEC.validate(ctx.params)
+    mode = p["mode"]
+    if mode == "fake":
+        return _apply_fake(ctx, p)
+    if mode == "int8":
+        return _apply_int8(ctx, p)
+    return _apply_half(ctx, p)
+
+
+def load(state: dict, ctx: Context) -> nn.Module:
+    mode = SPEC.validate(ctx.params)["mode"]
+    if mode == "fake":
+        return _load_fake(state, ctx)
+    if mode == "int8":
+        return _load_int8(state, ctx)
+    return _load_half(state, ctx, mode)
+
+
+def input_dtype(params: dict) -> torch.dtype:
+    """What a loaded model of these parameters takes as input."""
+    return HALF_DTYPES.get(SPEC.validate(params)["mode"], torch.float32)
+
+
+SPEC = register(TechniqueSpec(
+    name="quantize",
+    title="Quantization",
+    summary=("Stores weights (and optionally activations) with fewer bits: simulate any bit width from 16 "
+             "down to 1, or build a real int8 model that ONNX Runtime runs faster on the CPU. "
+             "See how much smaller and faster the model gets, and what it costs in accuracy."),
+    params=PARAMS,
+    apply=apply,
+    load=load,
+    check=_normalise,
+    version=1,
+))

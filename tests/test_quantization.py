@@ -1,0 +1,253 @@
+"""Quantization: real small runs on the offline shapes data with 1-epoch teachers.
+
+The 1-epoch teachers are near chance level with large, nearly tied logits, so fidelity is
+checked on the logits (relative error vs the fp32 teacher), not only on the arg-max.
+"""
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from core.errors import InvalidParameter, LabError
+from core.results import ResultStore
+from core.runner import ExperimentConfig, load_compressed, run_experiment
+from core.settings import cache_dir
+from core.techniques import Context, get_technique
+from core.techniques import quant_fake, quant_ort, quantization
+from core.training import TrainConfig, predict_logits
+
+# the make_teacher fixture's recipe, so run_experiment finds the very same cached teacher
+TEACHER_CFG = TrainConfig(epochs=1, subset=1500, batch_size=64, lr=0.05)
+EVAL = 200
+N_LOGITS = 128
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return get_technique("quantize")
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ResultStore(cache_dir() / "test_quantization.sqlite")
+
+
+@pytest.fixture(scope="module")
+def r34(make_teacher):
+    return make_teacher("resnet34")
+
+
+@pytest.fixture(scope="module")
+def r34_logits(r34, shapes):
+    return predict_logits(r34.model, shapes, shapes.test_x[:N_LOGITS])
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _rel_err(logits, ref):
+    """Error of `logits` relative to how much the reference logits vary across images."""
+    return float((logits - ref).norm() / (ref - ref.mean(0)).norm())
+
+
+def _apply(spec, teacher, shapes, params, progress=None):
+    return spec.apply(Context(teacher=teacher, data=shapes, params=params, progress=progress, eval_size=EVAL))
+
+
+def _run(model, params, store):
+    cfg = ExperimentConfig(dataset="shapes", model=model, technique="quantize", params=params,
+                           eval_size=EVAL, teacher_train=TEACHER_CFG, device="cpu")
+    return run_experiment(cfg, store=store)
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"bits": 0}, "bits"), ({"bits": 17}, "bits"), ({"mode": "foo"}, "mode"),
+    ({"act_bits": 1, "activations": True}, "act_bits"), ({"calibration_images": 8, "mode": "int8"},
+                                                          "calibration_images"),
+    ({"granularity": "per_row"}, "granularity"), ({"bitz": 4}, "bitz"),
+])
+def test_invalid_params_refused_naming_the_parameter(fresh_cache, params, name):
+    cfg = ExperimentConfig(model="resnet34", technique="quantize", params=params, eval_size=EVAL)
+    with pytest.raises(InvalidParameter) as exc:
+        run_experiment(cfg, store=ResultStore(fresh_cache / "r.sqlite"))
+    assert exc.value.name == name and name in str(exc.value)
+    assert not (fresh_cache / "teachers").exists()   # refused before any training
+
+
+def test_parameters_a_mode_ignores_are_reset(spec):
+    p = spec.validate({"mode": "int8", "bits": 3, "activations": True, "act_bits": 4})
+    assert (p["bits"], p["activations"], p["act_bits"]) == (8, False, 8)
+    p = spec.validate({"mode": "fake", "bits": 3, "calibration_images": 1000})
+    assert p["bits"] == 3 and p["calibration_images"] == 256   # nothing is calibrated without activations
+
+
+def test_pack_unpack_roundtrip_every_width():
+    torch.manual_seed(0)
+    for bits in range(1, 17):
+        w = torch.randn(13, 3, 3, 3)
+        codes, scale = quant_fake.quantize_tensor(w, bits, True, 0)
+        packed = quant_fake.pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(codes.numel() * bits / 8)
+        assert torch.equal(quant_fake.unpack_codes(packed, bits, list(codes.shape)).long(), codes.long())
+        assert int(codes.abs().max()) <= max(1, 2 ** (bits - 1) - 1)
+    assert set(quant_fake.quantize_tensor(w, 1, True, 0)[0].unique().tolist()) == {-1, 1}
+
+
+def test_fake_8bit_small_drop_packed_size_reload_and_cache(r34, shapes, store, spec):
+    before = copy.deepcopy(r34.model.state_dict())
+    r = _run("resnet34", {"mode": "fake", "bits": 8}, store)
+    assert not r.cached
+    assert abs(r.compressed["accuracy"] - r.baseline["accuracy"]) <= 0.02
+    ratio = r.compressed["size_bytes"] / r.baseline["size_bytes"]
+    assert 8 / 32 - 0.005 < ratio < 8 / 32 + 0.01           # packed: bits/32 plus scales, BN and biases
+    extra = r.compressed["extra"]
+    assert extra["bits"] == 8 and extra["packed_bytes"] == r.compressed["size_bytes"]
+    assert extra["fp32_file_bytes"] == pytest.approx(r.baseline["size_bytes"], rel=0.01)
+    assert extra["file_bytes"] < 0.27 * r.baseline["size_bytes"]   # the saved file is really packed
+    assert all(torch.equal(v, r34.model.state_dict()[k]) for k, v in before.items())   # teacher untouched
+    # the stored file loads with weights_only and predicts like the teacher
+    state = torch.load(r.model_path, weights_only=True)
+    assert state["format"] == "fake-quant"
+    reloaded = load_compressed(r)
+    ref = predict_logits(r34.model, shapes, shapes.test_x[:N_LOGITS])
+    assert _rel_err(predict_logits(reloaded, shapes, shapes.test_x[:N_LOGITS]), ref) < 0.05
+    again = _run("resnet34", {"mode": "fake", "bits": 8}, store)
+    assert again.cached and again.key == r.key and again.compressed == r.compressed
+
+
+@pytest.fixture(scope="module")
+def fake_outs(r34, shapes, spec):
+    return {b: _apply(spec, r34, shapes, {"mode": "fake", "bits": b}) for b in (1, 4, 8)}
+
+
+def test_fewer_bits_worse_outputs_smaller_size_and_reload(r34, r34_logits, shapes, spec, fake_outs):
+    err = {b: _rel_err(predict_logits(o.model, shapes, shapes.test_x[:N_LOGITS]), r34_logits)
+           for b, o in fake_outs.items()}
+    assert err[8] < err[4] < err[1] and err[8] < 0.05
+    assert fake_outs[1].size_bytes < fake_outs[4].size_bytes < fake_outs[8].size_bytes
+    # 1 bit: every conv/linear weight is ±scale of its output channel
+    w = fake_outs[1].model.conv1.weight
+    assert torch.allclose(w.abs(), w.abs().amax((1, 2, 3), keepdim=True).expand_as(w))
+    # non-byte widths survive the weights_only round trip bit for bit
+    o = fake_outs[4]
+    reloaded = spec.load(_roundtrip(o.state), Context(r34, shapes, spec.validate({"mode": "fake", "bits": 4})))
+    x = shapes.normalize(shapes.test_x[:16])
+    with torch.inference_mode():
+        assert torch.equal(reloaded(x), o.model(x))
+
+
+def test_per_tensor_differs_from_per_channel(r34, shapes, spec, fake_outs):
+    pc = fake_outs[4]
+    pt = _apply(spec, r34, shapes, {"mode": "fake", "bits": 4, "granularity": "per_tensor"})
+    assert pt.extra["scales"] == pt.extra["quantized_layers"] < pc.extra["scales"]
+    w0 = r34.model.layer1[0].conv1.weight
+    w_pc, w_pt = pc.model.layer1[0].conv1.weight, pt.model.layer1[0].conv1.weight
+    assert not torch.equal(w_pc, w_pt)
+    assert w_pt.unique().numel() <= 15                      # one 4-bit grid for the whole layer
+    assert (w_pc - w0).pow(2).mean() < (w_pt - w0).pow(2).mean()
+
+
+def test_fake_activations_calibrate_and_reload(r34, r34_logits, shapes, spec, fake_outs):
+    events = []
+    params = {"mode": "fake", "bits": 8, "activations": True, "act_bits": 4, "calibration_images": 64}
+    out = _apply(spec, r34, shapes, params, progress=events.append)
+    calib = [e for e in events if e.stage == "calibrate" and e.kind == "batch"]
+    assert calib and calib[-1].step == calib[-1].total == 1
+    assert out.extra["activation_bits"] == 4
+    assert len(out.state["activations"]["names"]) == out.extra["quantized_layers"]
+    x = shapes.test_x[:N_LOGITS]
+    with_act = predict_logits(out.model, shapes, x)
+    weights_only = predict_logits(fake_outs[8].model, shapes, x)
+    assert _rel_err(with_act, r34_logits) > _rel_err(weights_only, r34_logits)
+    reloaded = spec.load(_roundtrip(out.state), Context(r34, shapes, spec.validate(params)))
+    assert torch.equal(predict_logits(reloaded, shapes, x), with_act)
+
+
+def _agrees_where_clear(logits, ref) -> float:
+    """Arg-max agreement on the half of the images where fp32's top-2 margin is largest.
+
+    The 1-epoch teachers leave many images with near-tied top logits, where any rounding
+    may flip the winner; on the clear half a faithful int8 model must agree.
+    """
+    top2 = ref.topk(2, 1).values
+    margin = top2[:, 0] - top2[:, 1]
+    clear = margin >= margin.median()
+    return float((logits.argmax(1) == ref.argmax(1))[clear].float().mean())
+
+
+def test_int8_resnet34_smaller_faithful_reloads(r34, r34_logits, shapes, store):
+    r = _run("resnet34", {"mode": "int8", "calibration_images": 64}, store)
+    assert r.runtime == "onnxruntime-cpu" and r.baseline["latency_runtime"] == "onnxruntime-cpu"
+    extra = r.compressed["extra"]
+    assert extra["quantized"] and extra["int8_compute_ops"] == extra["compute_ops"] > 30
+    assert r.baseline["size_bytes"] / r.compressed["size_bytes"] >= 3.8
+    assert r.compressed["macs"] == r.baseline["macs"] and r.compressed["params"] == r.baseline["params"]
+    assert r.compressed["latency_ms_b1"] > 0 and r.baseline["latency_ms_b1"] > 0
+    state = torch.load(r.model_path, weights_only=True)
+    assert state["format"] == "onnx" and state["onnx"].dtype == torch.uint8
+    model = load_compressed(r)
+    logits = predict_logits(model, shapes, shapes.test_x[:N_LOGITS])
+    assert _rel_err(logits, r34_logits) < 0.1
+    assert _agrees_where_clear(logits, r34_logits) >= 0.9
+
+
+def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
+    teacher = make_teacher("densenet121")
+    events = []
+    out = _apply(spec, teacher, shapes, {"mode": "int8", "calibration_images": 64}, progress=events.append)
+    assert out.extra["quantized"] and not any("failed" in n or "could not" in n for n in out.notes)
+    assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] > 100
+    assert any(e.stage == "calibrate" and e.kind == "batch" for e in events)
+    file_bytes = len(quant_ort.tensor_to_bytes(out.state["onnx"]))
+    assert out.extra["fp32_file_bytes"] / file_bytes >= 3.5     # BN before ReLU keeps fp32 statistics
+    x = shapes.test_x[:N_LOGITS]
+    ref = predict_logits(teacher.model, shapes, x)
+    logits = predict_logits(out.model, shapes, x)
+    assert _rel_err(logits, ref) < 0.1
+    assert _agrees_where_clear(logits, ref) >= 0.9
+    # the same session bytes come back from a weights_only round trip
+    again = spec.load(_roundtrip(out.state), Context(teacher, shapes, spec.validate({"mode": "int8"})))
+    assert torch.equal(predict_logits(again, shapes, x[:16]), logits[:16])
+
+
+def test_int8_falls_back_with_a_note_when_conversion_fails(r34, shapes, spec, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("unsupported operator")
+    monkeypatch.setattr(quant_ort, "quantize_int8", broken)
+    out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 16})
+    assert out.extra["quantized"] is False and "unsupported operator" in out.notes[0]
+    assert out.state["precision"] == "fp32" and out.baseline_model is not None
+    monkeypatch.setattr(quant_ort, "export_onnx", broken)
+    out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 16})
+    assert "could not be exported" in out.notes[0] and out.runtime == "pytorch-eager"
+    assert isinstance(out.model, torch.nn.Module) and out.state["format"] == "torch-fp32"
+
+
+def test_fp16_runs_and_halves_the_file(r34, r34_logits, shapes, store):
+    r = _run("resnet34", {"mode": "fp16"}, store)
+    assert 0.45 < r.compressed["size_bytes"] / r.baseline["size_bytes"] < 0.55
+    assert abs(r.compressed["accuracy"] - r.baseline["accuracy"]) <= 0.02
+    model = load_compressed(r)
+    assert next(model.parameters()).dtype == torch.float16
+    x = shapes.normalize(shapes.test_x[:N_LOGITS]).half()
+    with torch.inference_mode():
+        assert _rel_err(model(x).float(), r34_logits) < 0.02
+
+
+def test_bf16_runs_or_is_refused_clearly(r34, shapes, spec):
+    ok, line = quantization.half_support("bf16")
+    if not ok:
+        with pytest.raises(LabError, match="bf16"):
+            _apply(spec, r34, shapes, {"mode": "bf16"})
+        return
+    out = _apply(spec, r34, shapes, {"mode": "bf16"})
+    assert out.input_dtype == torch.bfloat16 and line in out.notes
+    x = shapes.normalize(shapes.test_x[:8]).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert out.model(x).dtype == torch.bfloat16
