@@ -10,7 +10,7 @@ import torch
 from core.cli import main
 from core.errors import InvalidParameter, LabError
 from core.estimate import estimate_epoch_seconds, human_duration
-from core.models import build_model
+from core.models import SmallCNN, build_model
 from core.prepare import configure_threads, physical_cores, plan_epochs, prepare
 from core.training import TrainConfig, evaluate_accuracy, fit
 
@@ -28,16 +28,17 @@ def keep_threads():
 
 
 def test_recipe_beats_plain_loop_after_the_same_steps(shapes):
-    # a small residual net keeps this fast; the loop and its settings are the ones teachers use
-    subset, steps = 2560, 40
-    cfg = TrainConfig(epochs=2, subset=subset, batch_size=128, seed=0)
+    # The same loop trains every model; a narrow CNN keeps 2 x 100 steps affordable. Measured on
+    # the shared 2-core machine: recipe ~0.30, plain ~0.235 at 100 steps (no gap yet at 40).
+    subset, epochs = 1280, 10
+    steps = epochs * (subset // 128)
     torch.manual_seed(0)
-    recipe = build_model("resnet8", shapes.num_classes)
-    fit(recipe, shapes, cfg, eval_size=2)
+    recipe = SmallCNN(shapes.num_classes, width=16)
+    fit(recipe, shapes, TrainConfig(epochs=epochs, subset=subset, batch_size=128, seed=0), eval_size=2)
     torch.manual_seed(0)
-    plain = build_model("resnet8", shapes.num_classes)
+    plain = SmallCNN(shapes.num_classes, width=16)
     run = bench.plain_loop(plain, shapes, steps=steps, subset=subset, seed=0)
-    assert run["steps"] == steps == 2 * (subset // 128)
+    assert run["steps"] == steps == 100 and run["images"] == 100 * 128
     x, y = shapes.eval_split(1000)
     acc_recipe = evaluate_accuracy(recipe, shapes, x, y)
     acc_plain = evaluate_accuracy(plain, shapes, x, y)
