@@ -265,15 +265,31 @@ def guarded(what: str = ""):
 
 
 # ----------------------------------------------------------------------------- widgets and cards
+def log_grid(low: float, high: float, default: float) -> list[float]:
+    """1-2-5 steps per decade within [low, high], plus the default: a usable slider for learning rates."""
+    import math
+    values = {float(default)}
+    for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        for m in (1, 2, 5):
+            v = float(f"{m}e{e}")
+            if low <= v <= high:
+                values.add(v)
+    return sorted(values)
+
+
 def param_widgets(params, prefix: str, container=None) -> dict:
-    """One widget per ParamSpec: numbers become sliders (number inputs for huge ranges), choices
-    selectboxes or radios, booleans checkboxes."""
+    """One widget per ParamSpec: numbers become sliders (a 1-2-5 log scale for ranges over three
+    decades, a number box for huge integer ranges), choices radios or select boxes, booleans checkboxes."""
     c = container or st
     values = {}
     for p in params:
         key = f"{prefix}.{p.name}"
         label = p.name.replace("_", " ")
-        if p.kind in ("int", "float"):
+        if p.kind == "float" and p.low > 0 and p.high / p.low >= 1000:
+            st.session_state.setdefault(key, float(p.default))
+            values[p.name] = c.select_slider(label, log_grid(p.low, p.high, p.default), key=key, help=p.help,
+                                             format_func=lambda v: f"{v:g}")
+        elif p.kind in ("int", "float"):
             is_int = p.kind == "int"
             low, high = (int(p.low), int(p.high)) if is_int else (float(p.low), float(p.high))
             step = p.step if p.step is not None else (1 if is_int else (high - low) / 100)

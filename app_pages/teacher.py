@@ -25,7 +25,7 @@ with st.form("train"):
     lr = c3.select_slider("Peak learning rate", [0.01, 0.02, 0.05, 0.1, 0.2], value=0.05 if small else 0.1,
                           key="teacher.lr")
     batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=128, key="teacher.batch")
-    submitted = st.form_submit_button("Train (or load if these settings are cached)", type="primary", icon=":material/fitness_center:")
+    submitted = st.form_submit_button("Train (or load if these settings are cached)", type="primary", icon=":material/model_training:")
 
 settings = TeacherSettings(model, TrainConfig(epochs=int(epochs), subset=int(subset), lr=float(lr),
                                               batch_size=int(batch)))
@@ -43,6 +43,11 @@ if submitted:
                     prog.done("Training failed", ok=False)
                     raise
                 prog.done(f"Trained in {t.meta.get('train_seconds', 0):.0f} s")
+            ss["teacher.trained"] = f"Trained {title} in {t.meta.get('train_seconds', 0):.0f} s."
+            st.rerun()   # so the sidebar and every page see the new teacher
+
+if msg := ss.pop("teacher.trained", None):
+    st.success(msg, icon=":material/check_circle:")
 
 teacher = sh.current_teacher(data)
 if teacher is None:

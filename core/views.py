@@ -119,7 +119,8 @@ def history_chart(frame: pd.DataFrame, reference: float | None = None, reference
         x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         color=alt.Color("series:N", title=None),
-        strokeDash=alt.StrokeDash("split:N", title=None, sort=["validation", "train"]),
+        strokeDash=alt.StrokeDash("split:N", sort=["validation", "train"],
+                                  legend=alt.Legend(title=None, symbolType="stroke")),
         tooltip=["series", "split", "epoch", alt.Tooltip("accuracy:Q", format=".1%")])
     chart = base.mark_line(point=True)
     if reference is not None and not math.isnan(reference):
