@@ -5,6 +5,7 @@ Only this package imports streamlit; all computation is in core/ (runner, predic
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -337,7 +338,9 @@ def teacher_metric_row(m: dict) -> None:
 
 
 def download_model(result, key: str) -> None:
-    """The compressed model file exactly as core saved it (a state dict; load with weights_only=True)."""
+    """The compressed model file exactly as core saved it (a state dict; load with weights_only=True).
+
+    The bytes are read only when the button is clicked (models are tens of MB)."""
     from pathlib import Path
     path = Path(result.model_path)
     if not path.exists():
@@ -345,7 +348,7 @@ def download_model(result, key: str) -> None:
         return
     name = f"{result.dataset.replace(':', '_').replace('/', '_')}-{result.model}-{result.technique}-{result.key[:8]}.pt"
     st.download_button(f"Download the compressed model ({views.fmt_bytes(path.stat().st_size)})",
-                       data=path.read_bytes(), file_name=name, mime="application/octet-stream", key=key,
+                       data=functools.partial(path.read_bytes), file_name=name, mime="application/octet-stream", key=key,
                        icon=":material/download:", on_click="ignore")
 
 
