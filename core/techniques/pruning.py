@@ -218,6 +218,9 @@ def apply(ctx: Context) -> TechniqueOutput:
         kept = _kept_channels(teacher.model, model)
         extra = {"method": "structured", "scope": p["scope"], "importance": p["importance"],
                  "kept_channel_fraction": kept}
+        if p["ratio"] > 0 and kept == 1.0:
+            notes.append("no channel was removed: the importance scores all tie "
+                         "(e.g. batch-norm scales of an untrained model are all 1)")
     else:
         emit(ctx.progress, stage="prune", kind="message", message=f"zeroing {p['ratio']:.0%} of the weights")
         _unstructured_masks(model, p["ratio"], p["scope"], p["importance"])
