@@ -18,7 +18,7 @@ st.caption(f"{title} ({MODELS[model].description}) on {data.label}. Every compre
 small = data.generated
 with st.form("train"):
     c1, c2, c3, c4 = st.columns(4)
-    epochs = c1.number_input("Epochs", 1, 200, 3 if small else 8, key="teacher.epochs",
+    epochs = c1.number_input("Epochs", 1, 200, 5 if small else 8, key="teacher.epochs",
                              help="A few epochs are enough on Shapes; real datasets want more.")
     subset = c2.number_input("Training images (0 = all)", 0, len(data.train_y), 0, step=500,
                              key="teacher.subset")

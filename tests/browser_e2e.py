@@ -158,6 +158,16 @@ def screenshot(driver, path: Path, max_width: int | None = None) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def screenshot_on_failure(driver, path: Path):
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            screenshot(driver, path)
+        raise
+
+
 def upload(driver, file_path: Path) -> None:
     inp = wait_for(driver, lambda d: d.find_element("css selector", "input[type='file']"), 30, "the file input")
     inp.send_keys(str(file_path))
@@ -174,16 +184,16 @@ def click_text(driver, text: str, css: str = "label, button, p") -> None:
 
 
 def readme_screenshots(cache: Path, out: Path) -> list[Path]:
-    """Home, a quantization result and the Compare page, at README size."""
+    """Home, a quantization result with its sweep, and the Compare charts, at README size."""
     shots = []
     with streamlit_server(cache, ROOT / "test-artifacts" / "readme-streamlit.log", eval_size=1000) as url, \
-            chromium(1400, 1000) as d:
+            chromium(1400, 1350) as d:
         open_page(d, url, "", "Three ways to compress")
         shots.append(screenshot(d, out / "home.png", 1000))
-        open_page(d, url, "quantization", "Before → after", timeout=600)
+        open_page(d, url, "quantization", "Before → after", timeout=900)
         shots.append(screenshot(d, out / "quantization.png", 1000))
         open_page(d, url, "compare", "Accuracy vs size")
-        d.execute_script("document.querySelector('[data-testid=\"stMain\"]').scrollTo(0, 420)")
+        d.execute_script("document.querySelector('[data-testid=\"stMain\"]').scrollTo(0, 430)")
         time.sleep(1.5)
         shots.append(screenshot(d, out / "compare.png", 1000))
     return shots

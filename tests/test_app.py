@@ -73,7 +73,7 @@ def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
     visit(at, "app_pages/quantization.py")
     assert "no cached" in texts(at).lower() and "Train it first" in texts(at)
     visit(at, "app_pages/teacher.py")
-    assert at.number_input(key="teacher.epochs").value == 3   # small default for the offline dataset
+    assert at.number_input(key="teacher.epochs").value == 5   # small default for the offline dataset
 
 
 def test_missing_dataset_offline_is_a_message_not_a_traceback():

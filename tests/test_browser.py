@@ -1,18 +1,17 @@
 """End to end in a real browser: headless Debian Chromium drives `streamlit run app.py`.
 
-Runs a quantization, moves a slider, uploads a good image, a non-image and a file over the size limit; screenshots go
+Runs a quantization, moves its bits slider with the keyboard, uploads a good image, a non-image and a file over the size limit; screenshots go
 to test-artifacts/ (git-ignored). Skipped, with the reason, only when chromium, its driver or
 selenium are missing (CI installs them).
 """
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from browser_e2e import (ROOT, browser_available, chromium, click_text, exceptions_on_page, open_page, page_text,
-                         screenshot, settle, streamlit_server, upload, wait_for)
+                         screenshot, screenshot_on_failure, settle, streamlit_server, upload, wait_for)
 
 pytestmark = pytest.mark.skipif(browser_available() is not None, reason=str(browser_available()))
 ART = ROOT / "test-artifacts"
@@ -38,7 +37,8 @@ def test_quantize_and_upload_in_a_real_browser(make_teacher, tmp_path):
     big = tmp_path / "huge.png"
     big.write_bytes(b"\x89PNG" + os.urandom(11 * 1024 * 1024))    # over server.maxUploadSize (10 MB)
     log = ART / "browser-streamlit.log"
-    with streamlit_server(os.environ["COMPRESSION_LAB_CACHE"], log) as url, chromium() as d:
+    with streamlit_server(os.environ["COMPRESSION_LAB_CACHE"], log) as url, chromium() as d, \
+            screenshot_on_failure(d, ART / "browser-failure.png"):
         open_page(d, url, "", "Three ways to compress")
         assert "Generated data" in page_text(d)
         screenshot(d, ART / "browser-01-home.png")
@@ -47,11 +47,9 @@ def test_quantize_and_upload_in_a_real_browser(make_teacher, tmp_path):
         assert "bits=8" in page_text(d)
         thumb = wait_for(d, lambda d: _slider_thumb(d, "bits"), 30, "the bits slider")
         d.execute_script("arguments[0].focus()", thumb)    # the range input is visually hidden
-        for _ in range(4):
-            ActionChains(d).send_keys(Keys.ARROW_LEFT).perform()
-            time.sleep(0.3)
-        wait_for(d, lambda d: "bits=4" in page_text(d), 300, "the 4-bit result")
-        settle(d, 300, "the 4-bit run")
+        ActionChains(d).send_keys(Keys.HOME).perform()      # one key, one rerun: bits=1 (binary weights)
+        wait_for(d, lambda d: "bits=1," in page_text(d), 600, "the 1-bit result")
+        settle(d, 300, "the 1-bit run")
         assert "smaller" in page_text(d)
         screenshot(d, ART / "browser-02-quantization.png")
 
