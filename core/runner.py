@@ -99,20 +99,35 @@ def baseline_metrics(teacher: Teacher, data, eval_size: int, progress: ProgressF
         except (OSError, ValueError):
             pass
     emit(progress, stage="evaluate", kind="message", message="measuring the teacher (baseline)")
-    rep = metrics.report(teacher.model, data, eval_size).to_dict()
+    rep = metrics.report(teacher.model, data, eval_size, latency=False).to_dict()   # timed per run, side by side
     cache.atomic_write_json(rep, path)
     return rep
 
 
-def evaluate_output(out, data, eval_size: int) -> dict:
-    """Metrics of a technique's output, measured the same way as the baseline."""
+def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dict, dict]:
+    """Metrics of a technique's output, measured the same way as the baseline.
+
+    Latency is timed interleaved with the baseline model (A, B, A, B...) in this very run, so the
+    ratio is honest even on a busy machine; returns (compressed metrics, baseline latency fields).
+    """
     x, y = data.eval_split(eval_size)
     model = out.model
     logits = _predict(model, data, x, out.eval_device, out.input_dtype)
-    lat_in1 = metrics.latency_input(1).to(out.input_dtype)
-    lat_in64 = metrics.latency_input(64).to(out.input_dtype)
-    l1 = metrics.measure_latency(model, 1, repeats=15, x=lat_in1, runtime=out.runtime)
-    l64 = metrics.measure_latency(model, 64, repeats=5, warmup=1, x=lat_in64, runtime=out.runtime)
+    base = out.baseline_model if out.baseline_model is not None else baseline_model
+    lat = {}
+    for bs, rounds, key in ((1, 15, "b1"), (64, 5, "b64")):
+        xc = metrics.latency_input(bs).to(out.input_dtype)
+        if base is not None:
+            lb, lc, _ = metrics.compare_latency(base, model, bs, rounds=rounds, warmup=1 if bs > 1 else 3,
+                                                x_b=xc)
+            lat.update({f"latency_ms_{key}": lb.median_ms, f"latency_p95_ms_{key}": lb.p95_ms,
+                        "threads": lb.threads})
+        else:
+            lc = metrics.measure_latency(model, bs, repeats=rounds, warmup=1 if bs > 1 else 3, x=xc)
+        if key == "b1":
+            l1 = lc
+        else:
+            l64 = lc
     size = metrics.size_report(out.state)
     rep = metrics.ModelMetrics(
         accuracy=metrics.accuracy(logits, y),
@@ -125,7 +140,9 @@ def evaluate_output(out, data, eval_size: int) -> dict:
         latency_p95_ms_b64=l64.p95_ms, threads=l1.threads, latency_runtime=out.runtime,
         eval_images=len(y), per_class_accuracy=metrics.per_class_accuracy(logits, y, data.num_classes),
         extra=dict(out.extra, file_bytes=size["size_bytes"]))
-    return rep.to_dict()
+    if lat:
+        lat["latency_runtime"] = out.runtime
+    return rep.to_dict(), lat
 
 
 def _predict(model, data, x, device, dtype):
@@ -170,11 +187,9 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
         timings["apply_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         emit(progress, stage="evaluate", kind="message", message="measuring the compressed model")
-        compressed = evaluate_output(out, data, cfg.eval_size)
-        if out.baseline_model is not None:
-            # the baseline is re-timed in the compressed model's runtime, so the ratio compares like with like
-            lat = metrics.latency_pair(out.baseline_model)
-            baseline = dict(baseline, **lat, latency_runtime=out.runtime)
+        compressed, baseline_latency = evaluate_output(out, data, cfg.eval_size, teacher.model)
+        # the baseline's latency comes from this run, side by side with the compressed model
+        baseline = dict(baseline, **baseline_latency)
         timings["evaluate_s"] = time.perf_counter() - t1
         path = compressed_path(key)
         cache.save_entry(path, out.state, {"kind": "compressed", "key": key, "technique": cfg.technique,

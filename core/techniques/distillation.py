@@ -165,7 +165,7 @@ def scratch_path(data, student: str, cfg: TrainConfig) -> Path:
 def _scratch_metrics(model: nn.Module, state: dict, data, eval_size: int) -> dict:
     # measured exactly as the runner measures every compressed model, so the columns compare
     from ..runner import evaluate_output
-    return evaluate_output(TechniqueOutput(model=model, state=state), data, eval_size)
+    return evaluate_output(TechniqueOutput(model=model, state=state), data, eval_size)[0]
 
 
 def scratch_student(data, student: str, cfg: TrainConfig, *, eval_size: int = 1000, device: str = "cpu",
