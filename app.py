@@ -13,17 +13,17 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 st.set_page_config(page_title="Model Compression Lab", page_icon=":material/compress:", layout="wide")
 
-from app_pages import _shared  # noqa: E402  (after set_page_config)
+from pages import _shared  # noqa: E402  (after set_page_config)
 
 PAGES = {
-    "Lab": [st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
-            st.Page("app_pages/teacher.py", title="Teacher", icon=":material/school:")],
-    "Compress": [st.Page("app_pages/pruning.py", title="Pruning", icon=":material/content_cut:"),
-                 st.Page("app_pages/quantization.py", title="Quantization", icon=":material/filter_9_plus:"),
-                 st.Page("app_pages/distillation.py", title="Distillation", icon=":material/science:")],
-    "Inspect": [st.Page("app_pages/predictions.py", title="Predictions", icon=":material/grid_view:"),
-                st.Page("app_pages/try_image.py", title="Try an image", icon=":material/upload:"),
-                st.Page("app_pages/compare.py", title="Compare", icon=":material/scatter_plot:")],
+    "Lab": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+            st.Page("pages/teacher.py", title="Teacher", icon=":material/school:")],
+    "Compress": [st.Page("pages/pruning.py", title="Pruning", icon=":material/content_cut:"),
+                 st.Page("pages/quantization.py", title="Quantization", icon=":material/filter_9_plus:"),
+                 st.Page("pages/distillation.py", title="Distillation", icon=":material/science:")],
+    "Inspect": [st.Page("pages/predictions.py", title="Predictions", icon=":material/grid_view:"),
+                st.Page("pages/try_image.py", title="Try an image", icon=":material/upload:"),
+                st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:")],
 }
 
 page = st.navigation(PAGES)

@@ -19,8 +19,22 @@ from streamlit.testing.v1 import AppTest
 from core import views
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGES = ["app_pages/home.py", "app_pages/teacher.py", "app_pages/pruning.py", "app_pages/quantization.py",
-         "app_pages/distillation.py", "app_pages/predictions.py", "app_pages/try_image.py", "app_pages/compare.py"]
+
+
+@pytest.fixture(autouse=True)
+def _navigation_pages_under_pages_dir(monkeypatch):
+    """Our st.navigation pages live in pages/ (the project's fixed layout). AppTest flags any app
+    with a pages/ folder as an old-style multipage app and then runs a switched-to page without
+    the entrypoint (no sidebar). The real server lets st.navigation win; make AppTest do the same."""
+    from streamlit.runtime.pages_manager import PagesManager
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+    monkeypatch.setattr(PagesManager, "__init__", init)
+PAGES = ["pages/home.py", "pages/teacher.py", "pages/pruning.py", "pages/quantization.py",
+         "pages/distillation.py", "pages/predictions.py", "pages/try_image.py", "pages/compare.py"]
 
 
 def new_app(eval_size: int = 200) -> AppTest:
@@ -70,9 +84,9 @@ def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
     assert metrics(at)["Teacher"].delta == "not trained yet"
     for page in PAGES[1:]:
         visit(at, page)
-    visit(at, "app_pages/quantization.py")
+    visit(at, "pages/quantization.py")
     assert "no cached" in texts(at).lower() and "Train it first" in texts(at)
-    visit(at, "app_pages/teacher.py")
+    visit(at, "pages/teacher.py")
     assert at.number_input(key="teacher.epochs").value == 5   # small default for the offline dataset
 
 
@@ -81,14 +95,14 @@ def test_missing_dataset_offline_is_a_message_not_a_traceback():
     at.selectbox(key="dataset").set_value("cifar10").run()
     assert not at.exception
     assert any("Dataset unavailable" in e.value for e in at.error)
-    visit(at, "app_pages/pruning.py")
+    visit(at, "pages/pruning.py")
     assert any("Dataset unavailable" in e.value for e in at.error)
     assert "Shapes works offline" in texts(at)
 
 
 # ----------------------------------------------------------------------------- with a teacher
 def test_teacher_page_shows_the_cached_teacher(teacher):
-    at = visit(new_app(), "app_pages/teacher.py")
+    at = visit(new_app(), "pages/teacher.py")
     m = metrics(at)
     assert {"Accuracy", "Size", "Parameters", "MACs", "Latency (batch 1, CPU)"} <= set(m)
     assert m["Parameters"].value.endswith("M")          # resnet34: ~21M parameters
@@ -96,7 +110,7 @@ def test_teacher_page_shows_the_cached_teacher(teacher):
 
 
 def test_quantization_slider_change_reruns_and_shows_a_result(teacher):
-    at = visit(new_app(), "app_pages/quantization.py")
+    at = visit(new_app(), "pages/quantization.py")
     assert "bits=8" in texts(at)                        # auto-run on load: no training involved
     size8 = metrics(at)["Size"].value
     at.slider(key="quantize.bits").set_value(4).run()
@@ -113,13 +127,13 @@ def test_quantization_slider_change_reruns_and_shows_a_result(teacher):
 
 
 def test_pruning_slider_change_and_distillation_run(teacher):
-    at = visit(new_app(), "app_pages/pruning.py")
+    at = visit(new_app(), "pages/pruning.py")
     at.slider(key="prune.ratio").set_value(0.3).run()
     assert not at.exception
     assert "ratio=0.3" in texts(at)
     assert "smaller" in metrics(at)["Parameters"].delta  # structured pruning removes channels
 
-    visit(at, "app_pages/distillation.py")
+    visit(at, "pages/distillation.py")
     assert "press **Run**" in texts(at)                 # training settings never auto-run
     at.radio(key="distill.student").set_value("cnn_small")
     at.slider(key="distill.epochs").set_value(1)
@@ -133,10 +147,10 @@ def test_pruning_slider_change_and_distillation_run(teacher):
 
 
 def test_predictions_grid_and_disagreement_filter(teacher):
-    at = visit(new_app(), "app_pages/predictions.py")
+    at = visit(new_app(), "pages/predictions.py")
     if "run one first" in texts(at):                    # run in isolation: make one result first
-        visit(at, "app_pages/quantization.py")
-        visit(at, "app_pages/predictions.py")
+        visit(at, "pages/quantization.py")
+        visit(at, "pages/predictions.py")
     m = metrics(at)
     assert {"Teacher correct", "Compressed correct", "Disagreements"} <= set(m)
     n_images = len(at.get("image"))
@@ -162,7 +176,7 @@ UPLOADS = [
 
 @pytest.mark.parametrize("name,content,ok", UPLOADS, ids=[u[0] for u in UPLOADS])
 def test_upload_good_and_bad_images(teacher, name, content, ok):
-    at = visit(new_app(), "app_pages/try_image.py")
+    at = visit(new_app(), "pages/try_image.py")
     assert len(at.get("image")) == 1                     # a bundled example is shown first
     at.radio(key="try.source").set_value("Upload").run()
     at.file_uploader(key="try.upload").upload(name, content, "image/png").run()
@@ -179,7 +193,7 @@ def test_upload_good_and_bad_images(teacher, name, content, ok):
 def test_upload_decompression_bomb_is_refused(teacher):
     buf = io.BytesIO()
     Image.new("1", (8000, 6000)).save(buf, format="PNG")   # 48 Mpixel, tiny file
-    at = visit(new_app(), "app_pages/try_image.py")
+    at = visit(new_app(), "pages/try_image.py")
     at.radio(key="try.source").set_value("Upload").run()
     at.file_uploader(key="try.upload").upload("bomb.png", buf.getvalue(), "image/png").run()
     assert not at.exception
@@ -188,10 +202,10 @@ def test_upload_decompression_bomb_is_refused(teacher):
 
 def test_compare_table_download_and_delete(teacher):
     from core.results import ResultStore
-    at = visit(new_app(), "app_pages/compare.py")
+    at = visit(new_app(), "pages/compare.py")
     if not at.dataframe:
-        visit(at, "app_pages/quantization.py")
-        visit(at, "app_pages/compare.py")
+        visit(at, "pages/quantization.py")
+        visit(at, "pages/compare.py")
     before = ResultStore().count()
     assert before >= 1 and at.dataframe
     assert any(b.label == "Download as CSV" for b in at.get("download_button"))
@@ -205,7 +219,7 @@ def test_compare_table_download_and_delete(teacher):
 
 # ----------------------------------------------------------------------------- sessions share slots
 def test_job_slots_limit_concurrency_and_survive_errors():
-    from app_pages._shared import JobSlots
+    from pages._shared import JobSlots
     slots = JobSlots(1)
     active, peak, done = [0], [0], []
     lock = threading.Lock()

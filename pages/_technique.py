@@ -12,7 +12,7 @@ from core.predict import cached_result
 from core.results import results_frame
 from core.runner import ExperimentConfig, run_experiment
 from core.techniques import get_technique
-from app_pages import _shared as sh
+from pages import _shared as sh
 
 
 def needs_training(spec, params: dict) -> bool:

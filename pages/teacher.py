@@ -5,7 +5,7 @@ from core.models import MODELS
 from core.runner import baseline_metrics
 from core.teachers import TeacherSettings, find_teacher, get_teacher
 from core.training import TrainConfig
-from app_pages import _shared as sh
+from pages import _shared as sh
 
 ss = st.session_state
 st.title("Teacher")

@@ -2,7 +2,7 @@ import streamlit as st
 
 from core import views
 from core.predict import grid_indices, prediction_frame
-from app_pages import _shared as sh
+from pages import _shared as sh
 
 st.title("Predictions")
 st.caption("Test images with their true label, the teacher's prediction and the compressed model's. "

@@ -139,7 +139,7 @@ def require_teacher(data):
     if t is None:
         st.info(f"There is no cached **{MODELS[st.session_state.teacher_model].title}** teacher for "
                 f"**{data.label}** yet. Train it first (a few epochs are enough on Shapes).", icon=":material/school:")
-        st.page_link("app_pages/teacher.py", label="Go to the Teacher page", icon=":material/school:")
+        st.page_link("pages/teacher.py", label="Go to the Teacher page", icon=":material/school:")
         st.stop()
     return t
 
@@ -373,6 +373,6 @@ def no_runs_hint(data) -> None:
     st.info(f"No compressed model for {MODELS[st.session_state.teacher_model].title} on {data.label} yet: "
             "run one first.", icon=":material/info:")
     cols = st.columns(3)
-    cols[0].page_link("app_pages/pruning.py", label="Pruning", icon=":material/content_cut:")
-    cols[1].page_link("app_pages/quantization.py", label="Quantization", icon=":material/filter_9_plus:")
-    cols[2].page_link("app_pages/distillation.py", label="Distillation", icon=":material/science:")
+    cols[0].page_link("pages/pruning.py", label="Pruning", icon=":material/content_cut:")
+    cols[1].page_link("pages/quantization.py", label="Quantization", icon=":material/filter_9_plus:")
+    cols[2].page_link("pages/distillation.py", label="Distillation", icon=":material/science:")

@@ -5,9 +5,9 @@ import streamlit as st
 from core import views
 from core.models import MODELS
 from core.techniques import get_technique, technique_names
-from app_pages import _shared as sh
+from pages import _shared as sh
 
-PAGE_OF = {"prune": "app_pages/pruning.py", "quantize": "app_pages/quantization.py", "distill": "app_pages/distillation.py"}
+PAGE_OF = {"prune": "pages/pruning.py", "quantize": "pages/quantization.py", "distill": "pages/distillation.py"}
 
 st.title("Model Compression Lab")
 st.markdown("Make an image classifier **smaller and faster** and see what it costs in accuracy: "
@@ -31,7 +31,7 @@ with c2:
     st.metric("Teacher", MODELS[ss.teacher_model].title, "cached" if cached else "not trained yet",
               delta_color="green" if cached else "orange", delta_arrow="off", border=True)
     if not cached:
-        st.page_link("app_pages/teacher.py", label="Train it on the Teacher page", icon=":material/school:")
+        st.page_link("pages/teacher.py", label="Train it on the Teacher page", icon=":material/school:")
 with c3:
     st.metric("Training device", ss.device.upper(), border=True, help="Latency is always measured on the CPU.")
 

@@ -3,7 +3,7 @@ import streamlit as st
 from core import views
 from core.images import load_image_32
 from core.predict import example_images, image_probs, png_bytes
-from app_pages import _shared as sh
+from pages import _shared as sh
 
 st.title("Try an image")
 st.caption("Upload a photo or pick an example: it is shrunk to 32×32 pixels (what the models see) and both "

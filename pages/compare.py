@@ -2,7 +2,7 @@ import streamlit as st
 
 from core import views
 from core.results import results_frame
-from app_pages import _shared as sh
+from pages import _shared as sh
 
 st.title("Compare")
 st.caption("Every run stored on this machine (all sessions, the CLI too). Click a column header to sort.")

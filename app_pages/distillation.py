@@ -1,3 +1,0 @@
-from app_pages import _technique
-
-_technique.render("distill")

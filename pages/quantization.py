@@ -1,0 +1,3 @@
+from pages import _technique
+
+_technique.render("quantize")
