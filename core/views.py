@@ -148,22 +148,26 @@ def pareto_mask(frame: pd.DataFrame, cost: str, gain: str = "compressed_accuracy
     return mask
 
 
-def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool = True,
-                   height: int = 320) -> alt.LayerChart:
-    """Accuracy vs a cost (size, latency), coloured by technique, the Pareto front drawn as a step line."""
+def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool = True, divide: float = 1.0,
+                   height: int = 380) -> alt.LayerChart:
+    """Accuracy vs a cost (size, latency), coloured by technique, the Pareto front drawn as a step line.
+
+    `divide` rescales the cost for the axis (bytes -> MB); the teacher is drawn as a cross.
+    """
     df = frame.copy()
     df = df[df[cost].notna() & df["compressed_accuracy"].notna()]
     df["pareto"] = pareto_mask(df, cost) if len(df) else pd.Series(dtype=bool)
     df["on front"] = np.where(df["pareto"], "Pareto front", "dominated")
+    df["x"] = df[cost] / divide
     scale = alt.Scale(type="log") if log_x else alt.Scale(zero=False)
     domain = [t for t in TECHNIQUE_COLORS if t in set(df.get("technique", []))] or list(TECHNIQUE_COLORS)
     color = alt.Color("technique:N", scale=alt.Scale(domain=domain, range=[TECHNIQUE_COLORS[t] for t in domain]))
-    x = alt.X(f"{cost}:Q", title=cost_title, scale=scale)
+    x = alt.X("x:Q", title=cost_title, scale=scale, axis=alt.Axis(format="~g"))
     y = alt.Y("compressed_accuracy:Q", title="accuracy", axis=alt.Axis(format="%"), scale=alt.Scale(zero=False))
     tooltip = [alt.Tooltip("setting:N"), alt.Tooltip("dataset:N"), alt.Tooltip("model:N"),
                alt.Tooltip("compressed_accuracy:Q", title="accuracy", format=".1%"),
-               alt.Tooltip(f"{cost}:Q", title=cost_title, format=",.3~f"), alt.Tooltip("on front:N")]
-    points = alt.Chart(df).mark_point(filled=True, size=70).encode(
+               alt.Tooltip("x:Q", title=cost_title, format=",.3~f"), alt.Tooltip("on front:N")]
+    points = alt.Chart(df).mark_point(filled=True, size=80).encode(
         x=x, y=y, color=color, shape=alt.Shape("on front:N", title=None,
                                                scale=alt.Scale(domain=["Pareto front", "dominated"],
                                                                range=["diamond", "circle"])),
@@ -171,14 +175,13 @@ def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool 
     front = df[df["pareto"]].sort_values(cost)
     line = alt.Chart(front).mark_line(interpolate="step-after", color="#888", strokeDash=[4, 3]).encode(x=x, y=y)
     layers = [line, points]
-    base = frame.drop_duplicates("model") if "baseline_accuracy" in frame and len(frame) else None
     bcost = cost.replace("compressed_", "baseline_")
-    if base is not None and bcost in base:
-        teach = base[["model", bcost, "baseline_accuracy"]].dropna().rename(
-            columns={bcost: cost, "baseline_accuracy": "compressed_accuracy"})
+    if len(frame) and bcost in frame and "baseline_accuracy" in frame:
+        teach = frame.drop_duplicates("model")[["model", bcost, "baseline_accuracy"]].dropna()
         if len(teach):
-            teach["label"] = "teacher " + teach["model"]
-            layers.append(alt.Chart(teach).mark_point(shape="cross", size=120, color="#333", strokeWidth=2)
+            teach = pd.DataFrame({"x": teach[bcost] / divide, "compressed_accuracy": teach["baseline_accuracy"],
+                                  "label": "teacher " + teach["model"]})
+            layers.append(alt.Chart(teach).mark_point(shape="cross", size=140, color="#333", strokeWidth=2)
                           .encode(x=x, y=y, tooltip=["label:N"]))
     return alt.layer(*layers).properties(height=height)
 
@@ -302,49 +305,51 @@ def grid_items(frame: pd.DataFrame, images: np.ndarray, only_disagreements: bool
 
 
 # ----------------------------------------------------------------------------- home page diagrams
-_LEGEND = alt.Legend(orient="bottom", title=None)
+# Small and legend-free: Streamlit gives a chart exactly its height, so legends would squeeze the plot.
+DIAGRAM_HEIGHT = 210
 
 
 def prune_diagram() -> alt.Chart:
-    """Weights sorted by magnitude; the smallest half is what pruning removes."""
+    """Weights sorted by magnitude; the smallest half (grey) is what pruning removes."""
     rng = np.random.default_rng(3)
     w = np.sort(np.abs(rng.normal(0, 1, 24)))[::-1]
     df = pd.DataFrame({"weight": [f"w{i:02d}" for i in range(24)], "magnitude": w,
-                       "fate": np.where(np.arange(24) < 12, "kept", "pruned (smallest |w|)")})
-    return alt.Chart(df, title="weights, largest first").mark_bar().encode(
+                       "fate": np.where(np.arange(24) < 12, "kept", "pruned")})
+    return alt.Chart(df, title="grey: smallest weights, pruned").mark_bar().encode(
         x=alt.X("weight:N", sort=None, axis=None), y=alt.Y("magnitude:Q", title="|weight|"),
-        color=alt.Color("fate:N", scale=alt.Scale(range=["#e45756", "#dddddd"]), legend=_LEGEND)
-    ).properties(height=170)
+        color=alt.Color("fate:N", scale=alt.Scale(domain=["kept", "pruned"], range=["#e45756", "#dddddd"]),
+                        legend=None),
+        tooltip=["fate"]).properties(height=DIAGRAM_HEIGHT)
 
 
 def quantize_diagram(bits: int = 3) -> alt.Chart:
-    """A float signal and its uniform low-bit version (few levels = fewer bits per weight)."""
+    """A float signal (grey) and its uniform low-bit version (blue): few levels = few bits per weight."""
     x = np.linspace(-1, 1, 200)
     y = np.sin(2.5 * x) * 0.9
     levels = 2 ** bits - 1
     q = np.round((y + 1) / 2 * levels) / levels * 2 - 1
     df = pd.concat([pd.DataFrame({"x": x, "value": y, "kind": "float32"}),
-                    pd.DataFrame({"x": x, "value": q, "kind": f"{bits}-bit ({levels + 1} levels)"})])
-    return alt.Chart(df, title="values rounded to a few levels").mark_line().encode(
-        x=alt.X("x:Q", axis=None), y=alt.Y("value:Q", title="value"),
-        color=alt.Color("kind:N", scale=alt.Scale(range=["#4c78a8", "#bbbbbb"]), legend=_LEGEND)
-    ).properties(height=170)
+                    pd.DataFrame({"x": x, "value": q, "kind": f"{bits}-bit"})])
+    return alt.Chart(df, title=f"grey: float32, blue: {bits}-bit").mark_line().encode(
+        x=alt.X("x:Q", axis=None), y=alt.Y("value:Q", title="weight value"),
+        color=alt.Color("kind:N", scale=alt.Scale(domain=["float32", f"{bits}-bit"], range=["#bbbbbb", "#4c78a8"]),
+                        legend=None)).properties(height=DIAGRAM_HEIGHT)
 
 
 def distill_diagram(temperature: float = 4.0) -> alt.Chart:
-    """The teacher's outputs at temperature 1 and T: soft targets tell which classes look alike."""
-    logits = np.array([6.0, 3.5, 2.5, 1.0, 0.5, 0.0])
-    names = ["disc", "ring", "square", "frame", "triangle", "plus"]
+    """The teacher's outputs for a disc at T=1 (light) and T (green): soft targets show which classes look alike."""
+    logits = np.array([6.0, 3.5, 2.5, 1.0, 0.0])
+    names = ["disc", "ring", "ellipse", "square", "plus"]
     rows = []
-    for t, label in ((1.0, "T = 1"), (temperature, f"T = {temperature:g} (soft targets)")):
+    for t, label in ((1.0, "T=1"), (temperature, f"T={temperature:g}")):
         p = np.exp(logits / t)
         p /= p.sum()
         rows += [{"class": n, "probability": float(v), "targets": label} for n, v in zip(names, p)]
-    return alt.Chart(pd.DataFrame(rows), title="teacher's outputs for a disc").mark_bar().encode(
-        x=alt.X("class:N", sort=None, title=None, axis=alt.Axis(labelAngle=0)), xOffset="targets:N",
-        y=alt.Y("probability:Q", axis=alt.Axis(format="%", tickCount=3)),
-        color=alt.Color("targets:N", scale=alt.Scale(range=["#9ecae9", "#54a24b"]), legend=_LEGEND)
-    ).properties(height=170)
+    return alt.Chart(pd.DataFrame(rows), title=f"light: T=1, green: T={temperature:g}").mark_bar().encode(
+        x=alt.X("class:N", sort=None, title=None, axis=alt.Axis(labelAngle=-40)), xOffset="targets:N",
+        y=alt.Y("probability:Q", title="teacher's probability", axis=alt.Axis(format="%", tickCount=4)),
+        color=alt.Color("targets:N", scale=alt.Scale(range=["#9ecae9", "#54a24b"]), legend=None),
+        tooltip=["targets", "class", alt.Tooltip("probability:Q", format=".0%")]).properties(height=DIAGRAM_HEIGHT)
 
 
 DIAGRAMS = {"prune": prune_diagram, "quantize": quantize_diagram, "distill": distill_diagram}

@@ -134,4 +134,5 @@ def sweep(spec, data, name: str) -> None:
         st.altair_chart(views.sweep_chart(frame, param), width="stretch")
     with c2:
         st.caption("Accuracy vs size (Pareto front dashed; ✚ = teacher)")
-        st.altair_chart(views.tradeoff_chart(frame, "compressed_size_bytes", "size (bytes)"), width="stretch")
+        st.altair_chart(views.tradeoff_chart(frame, "compressed_size_bytes", "size (MB, log)", divide=2 ** 20,
+                                             height=260), width="stretch")

@@ -45,7 +45,7 @@ if len(view):
     a, b = st.columns(2)
     with a:
         st.subheader("Accuracy vs size")
-        st.altair_chart(views.tradeoff_chart(view, "compressed_size_bytes", "size (bytes, log)"), width="stretch")
+        st.altair_chart(views.tradeoff_chart(view, "compressed_size_bytes", "size (MB, log)", divide=2 ** 20), width="stretch")
     with b:
         st.subheader("Accuracy vs latency")
         st.altair_chart(views.tradeoff_chart(view, "compressed_latency_ms_b1", "CPU latency, batch 1 (ms, log)"),

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from browser_e2e import (ROOT, browser_available, chromium, click_text, exceptions_on_page, open_page, page_text,
-                         screenshot, screenshot_on_failure, settle, streamlit_server, upload, wait_for)
+                         screenshot, screenshot_on_failure, settle, shows, streamlit_server, upload, wait_for)
 
 pytestmark = pytest.mark.skipif(browser_available() is not None, reason=str(browser_available()))
 ART = ROOT / "test-artifacts"
@@ -48,7 +48,7 @@ def test_quantize_and_upload_in_a_real_browser(make_teacher, tmp_path):
         thumb = wait_for(d, lambda d: _slider_thumb(d, "bits"), 30, "the bits slider")
         d.execute_script("arguments[0].focus()", thumb)    # the range input is visually hidden
         ActionChains(d).send_keys(Keys.HOME).perform()      # one key, one rerun: bits=1 (binary weights)
-        wait_for(d, lambda d: "bits=1," in page_text(d), 600, "the 1-bit result")
+        wait_for(d, shows("bits=1,"), 600, "the 1-bit result")
         settle(d, 300, "the 1-bit run")
         assert "smaller" in page_text(d)
         screenshot(d, ART / "browser-02-quantization.png")
@@ -56,15 +56,15 @@ def test_quantize_and_upload_in_a_real_browser(make_teacher, tmp_path):
         open_page(d, url, "try_image", "Try an image")
         click_text(d, "Upload")
         upload(d, good)
-        wait_for(d, lambda d: "photo.png: as the model sees it" in page_text(d), 120, "the uploaded image")
+        wait_for(d, shows("photo.png: as the model sees it"), 120, "the uploaded image")
         settle(d, 120, "the predictions")
         assert "Teacher:" in page_text(d)
         screenshot(d, ART / "browser-03-upload.png")
         upload(d, bad)
-        wait_for(d, lambda d: "Cannot use notes.png" in page_text(d), 60, "the non-image message")
+        wait_for(d, shows("Cannot use notes.png"), 60, "the non-image message")
         screenshot(d, ART / "browser-04-bad-upload.png")
         upload(d, big)
-        wait_for(d, lambda d: "or smaller" in page_text(d), 60, "the upload size message")
+        wait_for(d, shows("or smaller"), 60, "the upload size message")
         screenshot(d, ART / "browser-05-too-big.png")
         assert not exceptions_on_page(d)
     text = log.read_text()
