@@ -129,7 +129,7 @@ def test_distill_experiment_scratch_cache_and_repeat(make_teacher, shapes, monke
     assert r1.scratch["params"] == r1.compressed["params"] < r1.baseline["params"] / 100
     assert r1.compressed["macs"] < r1.baseline["macs"]
     assert r1.compressed["extra"]["scratch_cached"] is False
-    # the two students started from the same weights and saw the same batches: only the loss differs
+    # the two students start from the same weights but learn from different targets
     assert r1.history[0]["train_loss"] != pytest.approx(r1.scratch_history[0]["train_loss"])
 
     # another temperature: the from-scratch twin and the teacher logits come from the cache
