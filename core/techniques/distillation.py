@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import json
 from pathlib import Path
 
 import torch
@@ -199,7 +200,6 @@ def scratch_student(data, student: str, cfg: TrainConfig, *, eval_size: int = 10
         metrics = None
         if metrics_path.exists():
             try:
-                import json
                 metrics = json.loads(metrics_path.read_text())
             except (OSError, ValueError):
                 metrics = None
@@ -258,7 +258,8 @@ SPEC = register(TechniqueSpec(
         ParamSpec("student", "choice", DEFAULT_STUDENT, choices=tuple(STUDENTS),
                   help="the small network that learns from the teacher"),
         ParamSpec("temperature", "float", 4.0, 1.0, 20.0, step=0.5,
-                  help="softens both networks' outputs; higher reveals more of the teacher's view of similar classes"),
+                  help=("softens both networks' outputs; higher reveals more of the teacher's view of similar "
+                        "classes. Briefly trained, label-smoothed teachers are already soft: try 1-2")),
         ParamSpec("alpha", "float", 0.9, 0.0, 1.0, step=0.05,
                   help="weight of the teacher's soft labels (1 - alpha goes to the true labels)"),
         ParamSpec("epochs", "int", 5, 1, 200, help="training epochs for the student (and its from-scratch twin)"),
