@@ -82,6 +82,7 @@ def test_teacher_logits_computed_once(make_teacher, shapes, monkeypatch):
         return real(model, data, x, device, **kw)
     monkeypatch.setattr(kd, "predict_logits", counting)
 
+    kd.logits_path(teacher, shapes).unlink(missing_ok=True)   # other tests may have filled it in
     idx = torch.arange(0, 96, 2)
     logits, computed = kd.teacher_logits(teacher, shapes, idx)
     path = kd.logits_path(teacher, shapes)
@@ -118,6 +119,8 @@ def test_distill_experiment_scratch_cache_and_repeat(make_teacher, shapes, monke
 
     params = {"student": "resnet8", "epochs": 2, "subset": 256, "batch_size": 64, "temperature": 4.0, "alpha": 0.9}
     cfg = ExperimentConfig("shapes", "resnet34", "distill", params, eval_size=200, teacher_train=TEACHER_CFG)
+    students_dir = kd.settings.cache_dir() / "students"
+    before = set(students_dir.rglob("*.pt")) if students_dir.exists() else set()   # other tests' students
     r1 = run_experiment(cfg)
     assert sorted(fits) == ["distill", "scratch"]
     assert r1.teacher_path == str(teacher.path)
@@ -133,7 +136,7 @@ def test_distill_experiment_scratch_cache_and_repeat(make_teacher, shapes, monke
     assert r1.history[0]["train_loss"] != pytest.approx(r1.scratch_history[0]["train_loss"])
 
     # another temperature: the from-scratch twin and the teacher logits come from the cache
-    students = list((kd.settings.cache_dir() / "students").rglob("*.pt"))
+    students = list(set(students_dir.rglob("*.pt")) - before)
     assert len(students) == 1
     mtime = students[0].stat().st_mtime_ns
     fits.clear()
