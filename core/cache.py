@@ -6,6 +6,8 @@ cache as it was. A damaged entry is reported with its path and treated as missin
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -129,3 +131,16 @@ def list_entries(kind: str = "teachers") -> list[dict]:
                 meta["path"] = str(w)
                 out.append(meta)
     return sorted(out, key=lambda m: -m.get("created_ts", 0))
+
+
+@contextlib.contextmanager
+def file_lock(name: str):
+    """Cross-process lock under cache/locks/, so two runs never compute (or half-overwrite) one entry."""
+    lock_dir = settings.cache_dir() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

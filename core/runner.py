@@ -6,8 +6,6 @@ session - wait and then read the stored result instead of recomputing it.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,16 +75,7 @@ def compressed_path(key: str) -> Path:
     return settings.cache_dir() / "compressed" / f"{key}.pt"
 
 
-@contextlib.contextmanager
-def key_lock(key: str):
-    lock_dir = settings.cache_dir() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+key_lock = cache.file_lock   # one computation per request key, across processes
 
 
 def baseline_metrics(teacher: Teacher, data, eval_size: int, progress: ProgressFn = None) -> dict:

@@ -12,9 +12,7 @@ SVHN (docs/bench_distillation.md). The from-scratch twin keeps the lab's standar
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 from pathlib import Path
 
@@ -51,17 +49,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
 
 
 # ----------------------------------------------------------------------------- locks
-@contextlib.contextmanager
-def _locked(name: str):
-    """Cross-process lock, so two runs never compute (or half-overwrite) the same cache entry."""
-    lock_dir = settings.cache_dir() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+_locked = cache.file_lock
 
 
 # ----------------------------------------------------------------------------- teacher logits
