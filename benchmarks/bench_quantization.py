@@ -20,16 +20,19 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# PyTorch's OpenMP threads busy-wait between ops by default; on a CPU shared with other jobs that
+# inflates eager timings many times over, while the ONNX Runtime sessions here never spin.
+# Both sides sleep instead (must be set before torch starts its thread pool).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
 from core import metrics  # noqa: E402
 from core.datasets import load_dataset  # noqa: E402
-from core.models import STUDY_TEACHERS, build_model  # noqa: E402
+from core.models import build_model  # noqa: E402
 from core.progress import TqdmProgress  # noqa: E402
 from core.runner import ExperimentConfig, resolve_teacher  # noqa: E402
 from core.techniques import Context, get_technique  # noqa: E402
-from core.techniques import quant_ort  # noqa: E402
 from core.training import TrainConfig, predict_logits  # noqa: E402
 
 

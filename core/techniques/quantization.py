@@ -15,7 +15,6 @@ granularity in fake and int8 mode, calibration_images when something is calibrat
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import torch
@@ -116,23 +115,25 @@ def _apply_fake(ctx: Context, p: dict) -> TechniqueOutput:
     state = {"format": "fake-quant", "bits": bits, "per_channel": per_channel, "weights": record,
              "other": {k: v for k, v in model.state_dict().items()
                        if k not in {f"{n}.weight" for n in record["names"]}}}
-    act_layers = 0
+    act_layers, n_calib = 0, None
     if p["activations"]:
         quantizer = quant_fake.ActivationQuantizer(model, p["act_bits"])
         images = calibration_images(ctx.data, p["calibration_images"])
         emit(ctx.progress, stage="calibrate", kind="message",
              message=f"calibrating {p['act_bits']}-bit activation ranges on {len(images)} training images")
         quant_fake.calibrate(model, images, quantizer, ctx.progress)
+        n_calib = len(images)
         state["activations"] = quantizer.state()
         act_layers = len(quantizer.qparams)
         model._activation_quantizer = quantizer  # keeps the hooks' owner alive with the model
     size = quant_fake.packed_size(model, bits, record, act_layers)
     fp32_bytes = _fp32_file_bytes(ctx)
     extra = dict(size, mode="fake", bits=bits, granularity=p["granularity"],
-                 activation_bits=p["act_bits"] if p["activations"] else None,
+                 activation_bits=p["act_bits"] if p["activations"] else None, calibration_images=n_calib,
                  fp32_file_bytes=fp32_bytes, packed_ratio=fp32_bytes / max(1, size["packed_bytes"]),
                  quantized_layers=len(record["names"]))
-    notes = [f"Simulated quantization: weights take {bits} bits each in the packed size, but the model "
+    unit = "bit" if bits == 1 else "bits"
+    notes = [f"Simulated quantization: weights take {bits} {unit} each in the packed size, but the model "
              "still computes in fp32, so its latency is that of the original."]
     return TechniqueOutput(model=model, state=state, size_bytes=size["packed_bytes"], extra=extra,
                            notes=notes, **counts)
@@ -170,6 +171,7 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
                                extra=dict(extra, quantized=False), notes=[note], **counts)
     baseline = quant_ort.OrtModule(fp32_onnx, "fp32")
     images = calibration_images(ctx.data, p["calibration_images"])
+    extra["calibration_images"] = len(images)
     emit(ctx.progress, stage="calibrate", kind="message",
          message=f"calibrating int8 activation ranges on {len(images)} training images")
     notes = []
