@@ -212,7 +212,9 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     x = shapes.test_x[:N_LOGITS]
     ref = predict_logits(teacher.model, shapes, x)
     logits = predict_logits(out.model, shapes, x)
-    assert _rel_err(logits, ref) < 0.15
+    # a broken conversion gives an error near 1; on this 1-epoch teacher, calibrated on 64 images,
+    # a working one measured 0.13-0.19 (CI and local runs)
+    assert _rel_err(logits, ref) < 0.3
     assert _agrees_where_clear(logits, ref) >= 0.7
     # the same session bytes come back from a weights_only round trip
     again = spec.load(_roundtrip(out.state), Context(teacher, shapes, spec.validate({"mode": "int8"})))
