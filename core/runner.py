@@ -117,11 +117,13 @@ def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dic
             l1 = lc
         else:
             l64 = lc
-    size = metrics.size_report(out.state)
+    raw = metrics.serialized_bytes(out.state)
+    size = {"size_bytes": len(raw),
+            "gzip_bytes": out.gzip_bytes if out.gzip_bytes is not None else metrics.gzip_size(raw)}
     rep = metrics.ModelMetrics(
         accuracy=metrics.accuracy(logits, y),
         size_bytes=out.size_bytes if out.size_bytes is not None else size["size_bytes"],
-        gzip_bytes=out.gzip_bytes if out.gzip_bytes is not None else size["gzip_bytes"],
+        gzip_bytes=size["gzip_bytes"],
         params=out.params if out.params is not None else metrics.count_params(model),
         nonzero_params=out.nonzero_params if out.nonzero_params is not None else metrics.count_nonzero_params(model),
         macs=out.macs if out.macs is not None else metrics.count_macs(model),
@@ -147,14 +149,19 @@ def _predict(model, data, x, device, dtype):
 
 
 def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
-                   store: ResultStore | None = None) -> ExperimentResult:
-    """Validate, get the teacher, apply the technique to a copy, measure, save, store."""
+                   store: ResultStore | None = None, teacher: Teacher | None = None,
+                   data=None) -> ExperimentResult:
+    """Validate, get the teacher, apply the technique to a copy, measure, save, store.
+
+    `teacher` and `data`, when the caller already holds them (the app keeps both in memory), skip
+    reloading them; the teacher is never modified.
+    """
     cfg = cfg.validate()
     store = store or ResultStore()
     spec = get_technique(cfg.technique)
     t0 = time.perf_counter()
-    data = load_dataset(cfg.dataset, cfg.data_root)
-    teacher = resolve_teacher(cfg, progress, data)
+    data = data or load_dataset(cfg.dataset, cfg.data_root)
+    teacher = teacher or resolve_teacher(cfg, progress, data)
     key = result_key(cfg, teacher, data)
     hit = _cached_result(store, key)
     if hit is not None:

@@ -57,7 +57,7 @@ def render(name: str) -> None:
             st.error(str(exc), icon=":material/warning:")
             return
         if result is None and (clicked or (auto and not slow)):
-            result = _run(spec, cfg, teacher, name)
+            result = _run(spec, cfg, teacher, data)
         if result is None:
             last = ss.get(f"{name}.last")
             if last is not None:
@@ -74,12 +74,12 @@ def render(name: str) -> None:
         sweep(spec, data, name)
 
 
-def _run(spec, cfg, teacher, name: str):
+def _run(spec, cfg, teacher, data):
     ref = teacher_reference(teacher)
     with sh.job_slots().slot(f"{spec.title} ({MODELS[cfg.model].title})"):
         prog = sh.LiveProgress(f"Running {spec.title.lower()}…", reference=ref)
         try:
-            result = run_experiment(cfg, progress=prog, store=sh.store())
+            result = run_experiment(cfg, progress=prog, store=sh.store(), teacher=teacher, data=data)
         except Exception as exc:  # noqa: BLE001 - shown as a message; other sessions carry on
             prog.done("Failed", ok=False)
             sh.show_error(exc)

@@ -45,13 +45,22 @@ def test_size_is_the_saved_file_and_gzip_shrinks_zeros():
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     assert report["size_bytes"] == len(buf.getvalue())
-    assert report["gzip_bytes"] == len(gzip.compress(buf.getvalue(), compresslevel=6))
+    assert report["gzip_bytes"] == len(gzip.compress(buf.getvalue(), compresslevel=metrics.GZIP_LEVEL))
     big = nn.Linear(1000, 1000)
     dense = metrics.size_report(big)
     with torch.no_grad():
         big.weight[:900] = 0
     sparse = metrics.size_report(big)
     assert sparse["size_bytes"] == dense["size_bytes"] and sparse["gzip_bytes"] < dense["gzip_bytes"] / 3
+
+
+def test_gzip_of_a_multi_chunk_file_is_a_real_gzip_file(monkeypatch):
+    monkeypatch.setattr(metrics, "GZIP_CHUNK", 1000)
+    raw = metrics.serialized_bytes(nn.Linear(40, 40)) + bytes(5000)
+    chunks = [raw[i:i + 1000] for i in range(0, len(raw), 1000)]
+    members = b"".join(gzip.compress(c, compresslevel=metrics.GZIP_LEVEL) for c in chunks)
+    assert gzip.decompress(members) == raw                 # one valid .gz file, members concatenated
+    assert metrics.gzip_size(raw) == len(members) < len(raw)
 
 
 def test_latency_reports_median_p95_and_threads():

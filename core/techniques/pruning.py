@@ -11,14 +11,13 @@ architecture and shrinking each layer to the saved tensor shapes (no pickled mod
 from __future__ import annotations
 
 import copy
-import gzip
-import io
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
+from .. import metrics
 from ..errors import InvalidParameter, LabError
 from ..models import build_model
 from ..progress import emit
@@ -196,13 +195,6 @@ def sparse_sizes(state: dict, sparse_keys: set[str]) -> dict:
     return {"sparse_bitmask_bytes": dense_other + bitmask, "sparse_coo_bytes": dense_other + coo}
 
 
-def _file_sizes(state: dict) -> tuple[int, int]:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    raw = buf.getvalue()
-    return len(raw), len(gzip.compress(raw, compresslevel=6))
-
-
 # ----------------------------------------------------------------------------- apply / load
 def apply(ctx: Context) -> TechniqueOutput:
     p = ctx.params
@@ -228,22 +220,29 @@ def apply(ctx: Context) -> TechniqueOutput:
         _remove_masks(model)
         model = _finish(model)
         state_dict = _plain_state(model)
-        extra = _unstructured_extra(model, state_dict)
+        extra = _unstructured_extra(model, state_dict, _state(arch, num_classes, p, state_dict))
         extra.update(method="unstructured", scope=p["scope"], importance=p["importance"])
         if p["importance"] == "l2":
             notes.append("for single weights L1 and L2 magnitude give the same ranking")
         notes.append("unstructured pruning only writes zeros: the dense file and the latency do not change; "
                      "extra.sparse_bitmask_bytes is what a sparse format (1-bit mask + fp32 nonzero values) takes")
-    state = {"format": STATE_FORMAT, "arch": arch, "num_classes": num_classes, "method": p["method"],
-             "state_dict": state_dict}
-    return TechniqueOutput(model=model, state=state, history=history, extra=extra, notes=notes)
+    state = _state(arch, num_classes, p, state_dict)
+    # the file sizes of unstructured pruning are measured once, here, and reused by the runner
+    sizes = {"size_bytes": extra["dense_bytes"], "gzip_bytes": extra["gzip_bytes"]} if "gzip_bytes" in extra else {}
+    return TechniqueOutput(model=model, state=state, history=history, extra=extra, notes=notes, **sizes)
 
 
-def _unstructured_extra(model: nn.Module, state_dict: dict) -> dict:
+def _state(arch: str, num_classes: int, p: dict, state_dict: dict) -> dict:
+    return {"format": STATE_FORMAT, "arch": arch, "num_classes": num_classes, "method": p["method"],
+            "state_dict": state_dict}
+
+
+def _unstructured_extra(model: nn.Module, state_dict: dict, state: dict) -> dict:
     keys = {f"{n}.weight" for n, _ in prunable_layers(model)}
     prunable = sum(state_dict[k].numel() for k in keys)
     zeros = sum(int((state_dict[k] == 0).sum()) for k in keys)
-    dense, gz = _file_sizes(state_dict)
+    sizes = metrics.size_report(state)
+    dense, gz = sizes["size_bytes"], sizes["gzip_bytes"]
     return {"prunable_params": prunable, "pruned_params": zeros, "sparsity": zeros / max(prunable, 1),
             "dense_bytes": dense, "gzip_bytes": gz, **sparse_sizes(state_dict, keys),
             "sparse_encoding": "pruned conv/linear weights as a 1-bit mask + fp32 nonzero values "
