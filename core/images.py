@@ -42,10 +42,20 @@ def open_image(source) -> Image.Image:
         raise
     except Image.DecompressionBombError:
         raise LabError("image is too large (refused as a possible decompression bomb)") from None
-    except Exception as exc:
-        raise LabError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    except Image.UnidentifiedImageError:
+        raise LabError(f"{_name(source)}is not an image the lab can read; upload a JPEG, PNG, WebP, BMP, "
+                       "GIF or TIFF file") from None
+    except (OSError, SyntaxError, ValueError) as exc:   # PIL's signals for truncated/corrupt data
+        raise LabError(f"{_name(source)}looks like an image but is damaged or truncated ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any other decoder failure is still the file's fault
+        raise LabError(f"{_name(source)}could not be decoded as an image ({type(exc).__name__})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+def _name(source) -> str:
+    name = getattr(source, "name", None) or (source if isinstance(source, str) else None)
+    return f"{str(name).rsplit('/', 1)[-1]!r} " if name else "the file "
 
 
 def load_image_32(source) -> np.ndarray:
