@@ -29,7 +29,7 @@ from .estimate import estimate_epoch_seconds, human_duration
 from .models import STUDY_TEACHERS, get_spec
 from .progress import Event, ProgressFn, emit
 from .teachers import TeacherSettings, find_teacher, get_teacher
-from .training import TrainConfig, training_indices
+from .training import TrainConfig, recipe_for, training_indices
 
 MAX_EPOCHS = 60          # a budget never buys more epochs than this per model
 BUDGET_RESERVE = 0.07    # share of a budget kept for evaluation, checkpoints and estimate error
@@ -212,7 +212,7 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
         raise InvalidParameter("budget_minutes", budget_minutes, "a number of minutes in (0, 100000]")
     models = _validate_models(models)
     data = dataset if isinstance(dataset, DataBundle) else load_dataset(dataset, data_root)
-    base = (base or TrainConfig()).validate()
+    base = (base or recipe_for(data)).validate()
     device = device or default_device()
     thread_info = configure_threads(threads)
     t_start = time.perf_counter()

@@ -20,7 +20,7 @@ from .progress import ProgressFn, emit
 from .results import ExperimentResult, ResultStore
 from .teachers import Teacher, TeacherSettings, get_teacher, latest_teacher
 from .techniques import Context, get_technique
-from .training import TrainConfig, predict_logits
+from .training import TrainConfig, predict_logits, recipe_for
 
 RUNNER_VERSION = 1
 
@@ -60,7 +60,7 @@ def resolve_teacher(cfg: ExperimentConfig, progress: ProgressFn = None, data=Non
             return t
         emit(progress, stage="train", kind="message",
              message=f"no cached {cfg.model} teacher for {data.label}: training one with the default recipe")
-    return get_teacher(data, TeacherSettings(cfg.model, cfg.teacher_train or TrainConfig()),
+    return get_teacher(data, TeacherSettings(cfg.model, cfg.teacher_train or recipe_for(data)),
                        device=cfg.device, progress=progress)
 
 

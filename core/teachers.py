@@ -15,7 +15,7 @@ from .models import build_model, get_spec
 from .progress import ProgressFn, emit
 from .training import TrainConfig, fit
 
-RECIPE_VERSION = 1  # bump when the training loop changes what a given config produces
+RECIPE_VERSION = 2  # bump when the training loop changes what a given config produces
 
 
 @dataclass

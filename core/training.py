@@ -52,6 +52,17 @@ class TrainConfig:
         return asdict(self)
 
 
+def recipe_for(data: DataBundle) -> TrainConfig:
+    """The default teacher recipe for a dataset: generated data gets the short demo recipe.
+
+    Shapes: 5 epochs at batch 64 (more steps per epoch) reach 88.8% with ResNet-34 in 169 s on two
+    idle cores; batch 128 reached 85.0% in 141 s (docs/teachers.md). Real data: TrainConfig().
+    """
+    if getattr(data, "generated", False):
+        return TrainConfig(epochs=5, batch_size=64, lr=0.1)
+    return TrainConfig()
+
+
 def training_indices(data: DataBundle, cfg: TrainConfig) -> torch.Tensor:
     """The training images used (a fixed stratified subset when cfg.subset is set)."""
     from .datasets import stratified_subset

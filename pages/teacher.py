@@ -4,7 +4,7 @@ from core import views
 from core.models import MODELS
 from core.runner import baseline_metrics
 from core.teachers import TeacherSettings, find_teacher, get_teacher
-from core.training import TrainConfig
+from core.training import TrainConfig, recipe_for
 from pages import _shared as sh
 
 ss = st.session_state
@@ -15,20 +15,32 @@ title = MODELS[model].title
 st.caption(f"{title} ({MODELS[model].description}) on {data.label}. Every compression starts from the newest "
            "cached teacher of this dataset and architecture.")
 
-small = data.generated
-with st.form("train"):
+recipe = recipe_for(data)   # the dataset's default recipe (short on generated data)
+with st.container(border=True):   # plain widgets, so the estimate below sees the current values
     c1, c2, c3, c4 = st.columns(4)
-    epochs = c1.number_input("Epochs", 1, 200, 5 if small else 8, key="teacher.epochs",
+    epochs = c1.number_input("Epochs", 1, 200, recipe.epochs, key="teacher.epochs",
                              help="A few epochs are enough on Shapes; real datasets want more.")
     subset = c2.number_input("Training images (0 = all)", 0, len(data.train_y), 0, step=500,
                              key="teacher.subset")
-    lr = c3.select_slider("Peak learning rate", [0.01, 0.02, 0.05, 0.1, 0.2], value=0.05 if small else 0.1,
+    lr = c3.select_slider("Peak learning rate", [0.01, 0.02, 0.05, 0.1, 0.2], value=recipe.lr,
                           key="teacher.lr")
-    batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=128, key="teacher.batch")
-    submitted = st.form_submit_button("Train (or load if these settings are cached)", type="primary", icon=":material/model_training:")
+    batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=recipe.batch_size, key="teacher.batch")
 
 settings = TeacherSettings(model, TrainConfig(epochs=int(epochs), subset=int(subset), lr=float(lr),
                                               batch_size=int(batch)))
+est_key = (data.name, model, int(epochs), int(subset), int(batch), ss.device)
+if st.button("Estimate the training time", icon=":material/timer:", key="teacher.estimate",
+             help="Times a few training batches of these settings on this machine (a few seconds)."):
+    with sh.guarded("Could not estimate: "), st.spinner("Timing a few training batches…"):
+        from core.estimate import estimate_epoch_seconds
+        est = estimate_epoch_seconds(model, data, settings.train, ss.device)
+        ss.setdefault("teacher.estimates", {})[est_key] = est
+if est := ss.get("teacher.estimates", {}).get(est_key):
+    st.info(f"Estimated on this machine: **{est['text']}** ({est['seconds_per_epoch']:.0f} s per epoch, "
+            f"{est['images_per_second']:.0f} images/s, {est['threads']} threads, {est['device']}).",
+            icon=":material/timer:")
+submitted = st.button("Train (or load if these settings are cached)", type="primary", key="teacher.train",
+                      icon=":material/model_training:")
 if submitted:
     with sh.guarded("Training failed: "):
         if find_teacher(data, settings) is not None:

@@ -11,6 +11,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see d
 os.environ.setdefault("COMPRESSION_LAB_DATA", os.path.join(_SESSION_CACHE, "data"))
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The session's cache holds hundreds of MB of models: gone afterwards unless asked to keep it."""
+    if not os.environ.get("LAB_KEEP_TEST_CACHE"):
+        import shutil
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def shapes():
     from core.datasets import load_dataset

@@ -109,6 +109,15 @@ def test_teacher_page_shows_the_cached_teacher(teacher):
     assert "Current teacher" in [s.value for s in at.subheader]
 
 
+def test_teacher_page_estimates_the_training_time_for_the_current_settings(teacher):
+    at = visit(new_app(), "pages/teacher.py")
+    at.number_input(key="teacher.epochs").set_value(3).run()
+    at.button(key="teacher.estimate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    info = [i.value for i in at.info if "Estimated on this machine" in i.value]
+    assert info and "for 3 epochs" in info[0]
+
+
 def test_quantization_slider_change_reruns_and_shows_a_result(teacher):
     at = visit(new_app(), "pages/quantization.py")
     assert "bits=8" in texts(at)                        # auto-run on load: no training involved

@@ -1,0 +1,71 @@
+"""Slider benchmark: how long the app takes from a changed setting to a shown result.
+
+The app keeps the dataset and teacher in memory and calls `core.runner.run_experiment` with
+them; this script does the same for a walk along each slider (new settings each step, so nothing
+is served from the result cache), then repeats one setting to show the cached path.
+Not a test; results are in docs/app.md ("Slider response time").
+
+  python benchmarks/bench_slider.py                  # ResNet-34 on shapes (trained once if missing)
+  python benchmarks/bench_slider.py --model vgg16_bn --eval-size 1000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
+
+from core.datasets import load_dataset  # noqa: E402
+from core.results import ResultStore  # noqa: E402
+from core.runner import ExperimentConfig, run_experiment  # noqa: E402
+from core.teachers import TeacherSettings, get_teacher, latest_teacher  # noqa: E402
+from core.training import TrainConfig  # noqa: E402
+
+WALKS = {
+    "quantize: weight bits (fake)": ("quantize", [{"mode": "fake", "bits": b} for b in (8, 6, 5, 4, 3, 2)]),
+    "prune: structured ratio": ("prune", [{"method": "structured", "ratio": r} for r in (0.2, 0.3, 0.4, 0.5, 0.6)]),
+    "prune: unstructured ratio": ("prune", [{"method": "unstructured", "ratio": r} for r in (0.3, 0.5, 0.7, 0.9)]),
+    "quantize: int8 (mode switch)": ("quantize", [{"mode": "int8"}]),
+    "quantize: fp16 (mode switch)": ("quantize", [{"mode": "fp16"}]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet34")
+    ap.add_argument("--dataset", default="shapes")
+    ap.add_argument("--eval-size", type=int, default=1000)
+    args = ap.parse_args()
+    data = load_dataset(args.dataset)
+    teacher = latest_teacher(data, args.model) or get_teacher(
+        data, TeacherSettings(args.model, TrainConfig(epochs=1, subset=1000)))
+    # a fresh result store: every step below is computed, as after a real slider move
+    store = ResultStore(Path(tempfile.mkdtemp()) / "results.sqlite")
+    warm = ExperimentConfig(args.dataset, args.model, "quantize", {"mode": "fake", "bits": 7}, args.eval_size)
+    run_experiment(warm, store=store, teacher=teacher, data=data)   # first-call costs, as a running app has paid
+
+    print(f"{args.model} on {data.label}, eval {args.eval_size} images, teacher in memory (as in the app)")
+    print("| slider | steps | median s | max s | steps under 3 s |\n| --- | --- | --- | --- | --- |")
+    for label, (technique, steps) in WALKS.items():
+        secs = []
+        for params in steps:
+            cfg = ExperimentConfig(args.dataset, args.model, technique, params, args.eval_size)
+            t0 = time.perf_counter()
+            r = run_experiment(cfg, store=store, teacher=teacher, data=data)
+            assert not r.cached
+            secs.append(time.perf_counter() - t0)
+        print(f"| {label} | {len(secs)} | {statistics.median(secs):.2f} | {max(secs):.2f} | "
+              f"{sum(s < 3 for s in secs)}/{len(secs)} |", flush=True)
+    t0 = time.perf_counter()
+    r = run_experiment(warm, store=store, teacher=teacher, data=data)
+    print(f"\nsame settings again: served from the store in {time.perf_counter() - t0:.3f} s (cached={r.cached})")
+
+
+if __name__ == "__main__":
+    main()
