@@ -105,6 +105,8 @@ def test_train_json_then_served_from_cache(capsys, fresh_cache):
     (["compress", "--technique", "quantize", "--bits", "0"], "out of range"),
     (["compress", "--technique", "distill", "--temperature", "-1"], "out of range"),
     (["compress", "--technique", "quantize", "--ratio", "0.5"], "belongs to --technique prune"),
+    (["compress", "--technique", "quantize", "--calibration-images", "-5"], "out of range"),  # flags from the registry
+    (["compress", "--technique", "distill", "--batch-size", "x"], "not an integer"),
     (["compress", "--technique", "zip"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2_cache_untouched(capsys, fresh_cache, argv, needle):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..runner import ExperimentConfig, run_experiment
+from ..techniques import get_technique
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
 
 
@@ -9,42 +10,38 @@ def register(sub):
     p = sub.add_parser("compress", help="prune, quantize or distill the cached teacher")
     add_data_args(p)
     p.add_argument("--model", default="resnet34", help="the teacher (its newest cached version; trained if none)")
-    p.add_argument("--technique", required=True, choices=["prune", "quantize", "distill"])
-    g = p.add_argument_group("prune")
-    g.add_argument("--ratio", type=float_range(0, 0.95))
-    g.add_argument("--method", choices=["structured", "unstructured"])
-    g.add_argument("--scope", choices=["layer", "global"])
-    g.add_argument("--importance")
-    g.add_argument("--finetune-epochs", type=int_range(0, 50))
-    g.add_argument("--finetune-subset", type=int_range(0))
-    g = p.add_argument_group("quantize")
-    g.add_argument("--mode", choices=["fake", "int8", "fp16", "bf16"])
-    g.add_argument("--bits", type=int_range(1, 16))
-    g.add_argument("--granularity", choices=["per_channel", "per_tensor"])
-    g.add_argument("--activations", action="store_true", default=None)
-    g = p.add_argument_group("distill")
-    g.add_argument("--student")
-    g.add_argument("--temperature", type=float_range(1, 20))
-    g.add_argument("--alpha", type=float_range(0, 1))
-    g.add_argument("--epochs", type=int_range(1, 200))
-    g.add_argument("--subset", type=int_range(0))
+    p.add_argument("--technique", required=True, choices=TECHNIQUES)
+    for tech in TECHNIQUES:   # one flag per technique parameter, straight from the registry
+        g = p.add_argument_group(tech)
+        for spec in get_technique(tech).params:
+            g.add_argument(f"--{spec.name.replace('_', '-')}", help=f"{spec.help} (default {spec.default})",
+                           **_arg_options(spec))
     p.add_argument("--eval-size", type=int_range(0), default=1000, help="test images (0 = the full test set)")
     p.set_defaults(handler=run)
 
 
-TECHNIQUE_FLAGS = {
-    "prune": ["ratio", "method", "scope", "importance", "finetune_epochs", "finetune_subset"],
-    "quantize": ["mode", "bits", "granularity", "activations"],
-    "distill": ["student", "temperature", "alpha", "epochs", "subset"],
-}
+TECHNIQUES = ["prune", "quantize", "distill"]
+
+
+def _arg_options(spec) -> dict:
+    """argparse options of one ParamSpec: its type and range, so bad values fail while parsing."""
+    if spec.kind == "bool":
+        return {"action": "store_true", "default": None}
+    if spec.kind == "choice":
+        return {"choices": list(spec.choices)}
+    if spec.kind == "int":
+        return {"type": int_range(int(spec.low), int(spec.high) if spec.high is not None else None)}
+    if spec.kind == "float":
+        return {"type": float_range(spec.low, spec.high)}
+    return {}
 
 
 def params_from_args(args) -> dict:
     """Only the flags that belong to the technique and were given; a foreign flag is an error."""
     from ..errors import LabError
     params = {}
-    for tech, names in TECHNIQUE_FLAGS.items():
-        for n in names:
+    for tech in TECHNIQUES:
+        for n in (spec.name for spec in get_technique(tech).params):
             v = getattr(args, n, None)
             if v is None:
                 continue
