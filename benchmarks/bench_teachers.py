@@ -6,8 +6,9 @@ Subcommands (each prints JSON lines; docs/teachers.md holds the numbers and the 
               (CIFAR: stratified 5,000-image held-out test split; SVHN: a contiguous held-out block)
   speed       images/s of the recipe (core.training.fit) vs the plain loop, side by side, per teacher
   estimate    core.estimate.estimate_epoch_seconds for each teacher (seconds per epoch)
-  train       one real training through get_teacher (resumable), held-out accuracy per epoch
-  shapes      the default recipe on the offline "shapes" dataset (accuracy and time)
+  shapes-recipe  one fit() of a teacher on the offline "shapes" data (v3, or the old v2 with
+              --shapes-v2), with or without zero-init residuals: test accuracy per setting and time
+Real trainings go through the CLI: `python -m core prepare --dataset folder:/tmp/teach_data/cifar10 ...`
 
 The plain loop (what the seed study did) lives here, not in core: torchvision DataLoader with
 per-image PIL transforms, batch 128, float32 NCHW, constant-lr SGD.
@@ -200,20 +201,59 @@ def estimates(data: DataBundle, models: list[str], epochs: int) -> list[dict]:
     return rows
 
 
+V2_SHAPES = {"RADIUS": (7, 12), "HUE_SPREAD": 0.07, "HARD_FRACTION": 0.15, "VERSION": 2}
+
+
+def shapes_recipe(model_name: str, epochs: int, batch_size: int, lr: float, zero_init: bool, v2: bool) -> dict:
+    """Train one teacher with fit() on shapes; test accuracy on all 2,000 test images."""
+    import core.synthetic as syn
+    from core import metrics
+    from core.models import build_model
+    from core.training import fit, predict_logits
+    if v2:
+        for k, v in V2_SHAPES.items():
+            setattr(syn, k, v)
+    data = load_dataset("shapes")
+    torch.manual_seed(0)
+    model = build_model(model_name, data.num_classes)
+    if not zero_init:   # undo torchvision's zero_init_residual: batch-norm scales back to 1
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.BatchNorm2d) and name.endswith(("bn2", "bn3")) and not mod.weight.any():
+                nn.init.ones_(mod.weight)
+    t0 = time.perf_counter()
+    hist = fit(model, data, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr))
+    seconds = time.perf_counter() - t0
+    acc = metrics.accuracy(predict_logits(model, data, data.test_x), data.test_y)
+    row = {"model": model_name, "shapes": data.fingerprint, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+           "zero_init": zero_init, "test_accuracy": round(acc, 4), "seconds": round(seconds),
+           "val": [round(h["val_accuracy"], 3) for h in hist]}
+    out(row)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["build-data", "speed", "estimate"])
+    p.add_argument("what", choices=["build-data", "speed", "estimate", "shapes-recipe"])
     p.add_argument("--dataset", default="folder:/tmp/teach_data/cifar10")
     p.add_argument("--models", nargs="+", default=STUDY_TEACHERS)
     p.add_argument("--batches", type=int, default=20, help="timed batches per loop per model (speed)")
     p.add_argument("--epochs", type=int, default=8, help="epochs the estimate is quoted for")
     p.add_argument("--threads", type=int, default=None)
+    g = p.add_argument_group("shapes-recipe")
+    g.add_argument("--model", default="resnet34")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--no-zero-init", action="store_true")
+    g.add_argument("--shapes-v2", action="store_true", help="the old shapes data (radius 7-12, spread 0.07, 15%% hard)")
     args = p.parse_args(argv)
     if args.what == "build-data":
         out(build_data())
         return 0
     from core.prepare import configure_threads
     out({"threads": configure_threads(args.threads), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
+    if args.what == "shapes-recipe":
+        shapes_recipe(args.model, args.epochs, args.batch_size, args.lr, not args.no_zero_init, args.shapes_v2)
+        return 0
     data = load_dataset(args.dataset)
     if args.what == "speed":
         speed(data, args.models, args.batches)
