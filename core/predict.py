@@ -125,3 +125,17 @@ def cached_result(cfg, teacher, data: DataBundle, store: ResultStore | None = No
         return None
     r.cached = True
     return r
+
+
+def stored_onnx(result: ExperimentResult) -> bytes | None:
+    """The ONNX file inside a result's saved model (int8 runs keep one), else None."""
+    path = Path(result.model_path)
+    meta = cache.read_sidecar(path)
+    if meta is None:
+        return None
+    state = cache.load_state(path, meta)
+    onnx = state.get("onnx") if isinstance(state, dict) and state.get("format") == "onnx" else None
+    if onnx is None:
+        return None
+    from .techniques.quant_ort import tensor_to_bytes
+    return tensor_to_bytes(onnx)

@@ -350,6 +350,12 @@ def download_model(result, key: str) -> None:
     st.download_button(f"Download the compressed model ({views.fmt_bytes(path.stat().st_size)})",
                        data=functools.partial(path.read_bytes), file_name=name, mime="application/octet-stream", key=key,
                        icon=":material/download:", on_click="ignore")
+    if result.technique == "quantize" and (result.params or {}).get("mode") == "int8":
+        from core.predict import stored_onnx
+        st.download_button("Download as ONNX (int8, runs in ONNX Runtime)",
+                           data=functools.partial(lambda r: stored_onnx(r) or b"", result),
+                           file_name=name[:-3] + ".onnx", mime="application/octet-stream", key=f"{key}.onnx",
+                           icon=":material/download:", on_click="ignore")
 
 
 def pick_result(data, key: str, label: str = "Compressed model"):
