@@ -115,6 +115,7 @@ def bench_vgg16_untrained(spec, data, threads, rounds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teachers", nargs="+", default=["resnet34", "resnet50", "vgg16_bn", "densenet121"])
+    ap.add_argument("--dataset", default="shapes", help="e.g. folder:/tmp/teach_data/cifar10 (held-out test split)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30, help="interleaved batch-1 timing rounds")
     ap.add_argument("--epochs", type=int, default=None,
@@ -125,14 +126,14 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_dataset("shapes")
+    data = load_dataset(args.dataset)
     spec = get_technique("quantize")
     progress = TqdmProgress()
-    results = {"threads": args.threads, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+    results = {"dataset": data.label, "test_images": len(data.test_y), "threads": args.threads, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
                "teachers": {}, "curve": [], "fx": None, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t_start = time.perf_counter()
     for name in args.teachers:
-        cfg = ExperimentConfig(model=name, teacher_train=TrainConfig(epochs=args.epochs) if args.epochs else None)
+        cfg = ExperimentConfig(dataset=args.dataset, model=name, teacher_train=TrainConfig(epochs=args.epochs) if args.epochs else None)
         teacher = resolve_teacher(cfg, progress, data)
         t0 = time.perf_counter()
         acc = accuracy(teacher.model, data)
@@ -161,7 +162,7 @@ def main(argv=None):
 
 
 def markdown(r: dict) -> str:
-    lines = [f"threads={r['threads']}, torch {r['torch']}, CPU capability {r['cpu']}, total {r['total_s']:.0f} s", "",
+    lines = [f"{r['dataset']} ({r['test_images']} test images), threads={r['threads']}, torch {r['torch']}, CPU capability {r['cpu']}, total {r['total_s']:.0f} s", "",
              "| teacher | fp32 acc | int8 acc | drop (pt) | file ratio | ORT fp32 b1 ms | int8 b1 ms | speedup b1 "
              "| vs eager b1 | speedup b64 | fake8 drop | fake4 drop |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
