@@ -1,10 +1,12 @@
+import dataclasses
+
 import streamlit as st
 
 from core import views
 from core.models import MODELS
 from core.runner import baseline_metrics
 from core.teachers import TeacherSettings, find_teacher, get_teacher
-from core.training import TrainConfig, recipe_for
+from core.training import recipe_for
 from pages import _shared as sh
 
 ss = st.session_state
@@ -15,7 +17,7 @@ title = MODELS[model].title
 st.caption(f"{title} ({MODELS[model].description}) on {data.label}. Every compression starts from the newest "
            "cached teacher of this dataset and architecture.")
 
-recipe = recipe_for(data)   # the dataset's default recipe (short on generated data)
+recipe = recipe_for(data, model)   # the dataset's default recipe (short on generated data)
 with st.container(border=True):   # plain widgets, so the estimate below sees the current values
     c1, c2, c3, c4 = st.columns(4)
     epochs = c1.number_input("Epochs", 1, 200, recipe.epochs, key="teacher.epochs",
@@ -26,8 +28,8 @@ with st.container(border=True):   # plain widgets, so the estimate below sees th
                           key="teacher.lr")
     batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=recipe.batch_size, key="teacher.batch")
 
-settings = TeacherSettings(model, TrainConfig(epochs=int(epochs), subset=int(subset), lr=float(lr),
-                                              batch_size=int(batch)))
+settings = TeacherSettings(model, dataclasses.replace(recipe, epochs=int(epochs), subset=int(subset),
+                                                     lr=float(lr), batch_size=int(batch)))
 est_key = (data.name, model, int(epochs), int(subset), int(batch), ss.device)
 if st.button("Estimate the training time", icon=":material/timer:", key="teacher.estimate",
              help="Times a few training batches of these settings on this machine (a few seconds)."):

@@ -140,3 +140,27 @@ def test_atomic_write_keeps_old_file_when_interrupted(tmp_path):
         cache.atomic_torch_save({"a": Boom()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]
+
+
+def test_recipe_per_dataset_and_model_and_stable_keys(shapes):
+    from core.training import TrainConfig, recipe_for
+    r = recipe_for(shapes, "resnet34")
+    assert (r.epochs, r.batch_size, r.grad_clip) == (5, 64, 0.0)          # generated data: the short recipe
+    assert recipe_for(shapes, "vgg16_bn").grad_clip > 0                    # VGG clips (NaN without, measured)
+    assert "grad_clip" not in TrainConfig().key()                          # off: keys of older teachers hold
+    assert TrainConfig(grad_clip=2.0).key()["grad_clip"] == 2.0
+
+
+def test_gradient_clipping_bounds_every_step(shapes):
+    import torch
+    from core.models import build_model
+    from core.training import TrainConfig, fit
+    torch.manual_seed(0)
+    model = build_model("cnn_small", shapes.num_classes)
+    before = [p.detach().clone() for p in model.parameters()]
+    # one step at a huge learning rate: clipped, the update is at most lr * 1.9 (Nesterov's first step)
+    # * 1e-3; unclipped this small CNN's gradient norm is ~1, a step hundreds of times larger
+    fit(model, shapes, TrainConfig(epochs=1, subset=64, batch_size=64, lr=10.0, grad_clip=1e-3,
+                                   weight_decay=0.0, warmup_fraction=0.0), eval_size=10)
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert 0 < float(step) <= 10.0 * 1.9 * 1e-3

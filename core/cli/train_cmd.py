@@ -38,7 +38,7 @@ def run(args) -> int:
     get_spec(args.model, "teacher")
     data = load_dataset(args.dataset, args.data_root)
     chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-    cfg = dataclasses.replace(recipe_for(data), subset=args.subset, seed=args.seed,
+    cfg = dataclasses.replace(recipe_for(data, args.model), subset=args.subset, seed=args.seed,
                               **{k: v for k, v in chosen.items() if v is not None})
     t = get_teacher(data, TeacherSettings(args.model, cfg, args.pretrained), device=args.device,
                     progress=progress_for(args))
