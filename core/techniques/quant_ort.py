@@ -26,10 +26,12 @@ from ..progress import ProgressFn, emit
 RUNTIME = "onnxruntime-cpu"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CALIB_BATCH = 32
-# "percentile" (selectable) produced all-zero logit rows on ResNet-34 when combined with ORT's strided
-# collection (CI, 2026-11-28); min/max ranges are the safe default.
+# "percentile" combined with ORT's strided collection produced all-zero logit rows on ResNet-34 (CI,
+# 2026-11-28), so only min/max is strided; percentile collects every batch (256 images: small).
 CALIB_METHOD = "minmax"
 CALIB_PERCENTILE = 99.99
+# min/max ranges merge batch by batch (bounded memory); the histogram methods collect all batches
+STRIDED = {"minmax": {"CalibStridedMinMax": 1}}
 # Only the inputs of matrix ops are quantized; adds, concatenations, batch norms and pools stay
 # fp32 between them. Quantizing DenseNet's concatenations forces one range on features of very
 # different scales (measured: 3x the logit error); the speed is the same.
@@ -191,7 +193,8 @@ class _QuietQuantizer(logging.Filter):
 
 
 def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: bool = True,
-                  progress: ProgressFn = None, method: str = CALIB_METHOD) -> bytes:
+                  progress: ProgressFn = None, method: str = CALIB_METHOD,
+                  percentile: float | None = None) -> bytes:
     """Static int8 QDQ model: int8 weights (symmetric), uint8 activations with calibrated ranges.
 
     method "percentile" clips each activation range at the CALIB_PERCENTILE-th percentile of
@@ -202,6 +205,10 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
 
     class Reader(_Reader, CalibrationDataReader):
         pass
+
+    if method != "minmax" and len(calib_images) > CALIB_BATCH:
+        # the histogram calibrators stack batches and fail on a shorter last one
+        calib_images = calib_images[:len(calib_images) - len(calib_images) % CALIB_BATCH]
 
     quiet = _QuietQuantizer()
     logging.getLogger().addFilter(quiet)
@@ -216,13 +223,14 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
             except Exception:
                 pre = src
             calib = {"minmax": (CalibrationMethod.MinMax, {}),
-                     "percentile": (CalibrationMethod.Percentile, {"CalibPercentile": CALIB_PERCENTILE})}[method]
+                     "percentile": (CalibrationMethod.Percentile,
+                                    {"CalibPercentile": percentile or CALIB_PERCENTILE})}[method]
             with contextlib.redirect_stdout(io.StringIO()):   # the histogram calibrators print
                 quantize_static(pre, dst, Reader(calib_images, progress), quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=calib[0],
                                 op_types_to_quantize=QUANTIZED_OPS,
-                                extra_options={"CalibStridedMinMax": 1, **calib[1]})
+                                extra_options={**STRIDED.get(method, {}), **calib[1]})
             with open(dst, "rb") as f:
                 return compact(f.read())
     finally:
