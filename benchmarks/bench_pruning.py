@@ -16,6 +16,7 @@ there once if missing: the default recipe unless --teacher-epochs/--teacher-subs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ from core.metrics import compare_latency, count_macs, count_params  # noqa: E402
 from core.progress import TqdmProgress  # noqa: E402
 from core.teachers import TeacherSettings, get_teacher  # noqa: E402
 from core.techniques import Context, get_technique  # noqa: E402
-from core.training import TrainConfig, evaluate_accuracy  # noqa: E402
+from core.training import TrainConfig, evaluate_accuracy, recipe_for  # noqa: E402
 
 
 class Clock:
@@ -103,13 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds1", type=int, default=30)
     ap.add_argument("--out", default="/tmp/bench_pruning.jsonl")
     args = ap.parse_args(argv)
-    base = TrainConfig()
-    teacher_cfg = TrainConfig(epochs=args.teacher_epochs if args.teacher_epochs is not None else base.epochs,
-                              subset=args.teacher_subset if args.teacher_subset is not None else base.subset)
     data = load_dataset("shapes")
     progress = TqdmProgress()
     start = Clock()
     for name in args.models:
+        base = recipe_for(data, name)   # the teacher the app and CLI would train (cached: reused)
+        teacher_cfg = dataclasses.replace(
+            base, epochs=args.teacher_epochs if args.teacher_epochs is not None else base.epochs,
+            subset=args.teacher_subset if args.teacher_subset is not None else base.subset)
         row = bench_model(name, data, teacher_cfg, args, progress)
         row["loadavg"] = os.getloadavg()
         line = json.dumps(row)

@@ -124,6 +124,8 @@ def main(argv=None):
     ap.add_argument("--vgg16", action="store_true", help="also convert vgg16 (no BN) to int8")
     ap.add_argument("--no-fx", action="store_true", help="skip the torch.ao FX comparison")
     ap.add_argument("--json", default=None, help="write all numbers here")
+    ap.add_argument("--calibrations", nargs="*", default=[],
+                    help="also convert each teacher with these int8 calibrations (minmax p99.9 p99.5) and report drops")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset)
@@ -142,6 +144,12 @@ def main(argv=None):
         row["int8"] = bench_int8(spec, teacher, data, args.threads, args.rounds, acc)
         row["fake8"] = bench_fake(spec, teacher, data, 8, acc)
         row["fake4"] = bench_fake(spec, teacher, data, 4, acc)
+        row["calibrations"] = {}
+        for c in args.calibrations:
+            acc_c = accuracy(spec.apply(Context(teacher, data, spec.validate({"mode": "int8", "calibration": c}))).model,
+                             data)
+            row["calibrations"][c] = {"acc": acc_c, "drop_pt": 100 * (acc - acc_c)}
+            print("calibration", name, c, row["calibrations"][c], flush=True)
         row["seconds"] = time.perf_counter() - t0
         results["teachers"][name] = row
         print(name, json.dumps(row, default=str), flush=True)

@@ -87,6 +87,7 @@ class TechniqueOutput:
     eval_device: str = "cpu"                  # where its accuracy is measured (int8: CPU only)
     size_bytes: Optional[int] = None          # override of the shipped size (e.g. packed low-bit weights)
     gzip_bytes: Optional[int] = None
+    file_bytes: Optional[int] = None          # bytes of `state` saved, when the technique measured it already
     macs: Optional[int] = None                # override when the counter cannot run (quantized modules)
     params: Optional[int] = None
     nonzero_params: Optional[int] = None

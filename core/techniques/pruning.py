@@ -228,7 +228,8 @@ def apply(ctx: Context) -> TechniqueOutput:
                      "extra.sparse_bitmask_bytes is what a sparse format (1-bit mask + fp32 nonzero values) takes")
     state = _state(arch, num_classes, p, state_dict)
     # the file sizes of unstructured pruning are measured once, here, and reused by the runner
-    sizes = {"size_bytes": extra["dense_bytes"], "gzip_bytes": extra["gzip_bytes"]} if "gzip_bytes" in extra else {}
+    sizes = ({"size_bytes": extra["dense_bytes"], "gzip_bytes": extra["gzip_bytes"], "file_bytes": extra["dense_bytes"]}
+             if "gzip_bytes" in extra else {})
     return TechniqueOutput(model=model, state=state, history=history, extra=extra, notes=notes, **sizes)
 
 
