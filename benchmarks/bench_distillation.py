@@ -33,7 +33,7 @@ from core.datasets import load_dataset  # noqa: E402
 from core.teachers import TeacherSettings, get_teacher  # noqa: E402
 from core.techniques import get_technique  # noqa: E402
 from core.techniques import distillation as kd  # noqa: E402
-from core.training import TrainConfig, evaluate_accuracy  # noqa: E402
+from core.training import TrainConfig, evaluate_accuracy, recipe_for  # noqa: E402
 
 SRC = Path("/tmp/data")
 DST = Path("/tmp/kd_data")
@@ -89,12 +89,13 @@ def cpu() -> float:
     return time.process_time()
 
 
-def run_one(name: str, eval_size: int, subsets, variants: list[str]) -> list[dict]:
+def run_one(name: str, eval_size: int, subsets, variants: list[str], recipe_teacher: bool = False) -> list[dict]:
     data = load_dataset(dataset_name(name))
+    teacher_cfg = recipe_for(data, "resnet34") if recipe_teacher else TEACHER
     base = {"dataset": name, "train_images": len(data.train_y), "test_images": len(data.test_y),
-            "eval_images": len(data.eval_split(eval_size)[1]), "teacher_cfg": TEACHER.key()}
+            "eval_images": len(data.eval_split(eval_size)[1]), "teacher_cfg": teacher_cfg.key()}
     c = cpu()
-    teacher = get_teacher(data, TeacherSettings("resnet34", TEACHER), device="cpu", measure=False)
+    teacher = get_teacher(data, TeacherSettings("resnet34", teacher_cfg), device="cpu", measure=False)
     x, y = data.eval_split(eval_size)
     base["teacher_accuracy"] = evaluate_accuracy(teacher.model, data, x, y)
     base["teacher_cached"], base["teacher_cpu_s"] = teacher.cached, cpu() - c
@@ -124,6 +125,8 @@ def run_one(name: str, eval_size: int, subsets, variants: list[str]) -> list[dic
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="shapes,cifar10,svhn")
+    ap.add_argument("--recipe-teacher", action="store_true",
+                    help="the app's teacher (core.training.recipe_for) instead of the small budget above")
     ap.add_argument("--eval-size", type=int, default=1000, help="held-out test images (0 = all)")
     ap.add_argument("--out", default="/tmp/kd_bench")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="KD students to train: " + ", ".join(VARIANTS))
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.datasets.split(","):
         rows = run_one(name.strip(), args.eval_size, [int(v) for v in args.subsets.split(",")],
-                       [v.strip() for v in args.variants.split(",") if v.strip()])
+                       [v.strip() for v in args.variants.split(",") if v.strip()], args.recipe_teacher)
         for row in rows:
             line = json.dumps(row)
             print(line, flush=True)
