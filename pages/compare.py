@@ -23,21 +23,18 @@ sel_m = c3.multiselect("Teachers", models, default=models, key="cmp.models")
 view = frame[frame["dataset"].isin(sel_d) & frame["technique"].isin(sel_t) & frame["model"].isin(sel_m)]
 
 table = views.compare_table(view)
-st.dataframe(table, hide_index=True, key="cmp.table", column_config={
-    "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
-    "baseline_accuracy": st.column_config.NumberColumn("teacher acc", format="percent"),
-    "compressed_accuracy": st.column_config.NumberColumn("accuracy", format="percent"),
-    "accuracy_drop": st.column_config.NumberColumn("drop", format="percent"),
-    "scratch_accuracy": st.column_config.NumberColumn("scratch acc", format="percent"),
-    "size_ratio": st.column_config.NumberColumn("× smaller", format="%.2f"),
-    "latency_speedup_b1": st.column_config.NumberColumn("× faster", format="%.2f"),
-    "macs_ratio": st.column_config.NumberColumn("× fewer MACs", format="%.2f"),
-    "baseline_size_bytes": st.column_config.NumberColumn("teacher bytes", format="compact"),
-    "compressed_size_bytes": st.column_config.NumberColumn("bytes", format="compact"),
-    "baseline_latency_ms_b1": st.column_config.NumberColumn("teacher ms", format="%.2f"),
-    "compressed_latency_ms_b1": st.column_config.NumberColumn("ms", format="%.2f"),
-    "seconds": st.column_config.NumberColumn("run s", format="%.1f"),
-})
+# column -> (label, number format)
+COLUMNS = {
+    "baseline_accuracy": ("teacher acc", "percent"), "compressed_accuracy": ("accuracy", "percent"),
+    "accuracy_drop": ("drop", "percent"), "scratch_accuracy": ("scratch acc", "percent"),
+    "size_ratio": ("× smaller", "%.2f"), "latency_speedup_b1": ("× faster", "%.2f"),
+    "macs_ratio": ("× fewer MACs", "%.2f"), "baseline_size_bytes": ("teacher bytes", "compact"),
+    "compressed_size_bytes": ("bytes", "compact"), "baseline_latency_ms_b1": ("teacher ms", "%.2f"),
+    "compressed_latency_ms_b1": ("ms", "%.2f"), "seconds": ("run s", "%.1f"),
+}
+config = {col: st.column_config.NumberColumn(label, format=fmt) for col, (label, fmt) in COLUMNS.items()}
+config["created"] = st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm")
+st.dataframe(table, hide_index=True, key="cmp.table", column_config=config)
 st.download_button("Download as CSV", table.to_csv(index=False).encode(), file_name="compression_runs.csv",
                    mime="text/csv", icon=":material/download:", key="cmp.csv", on_click="ignore")
 

@@ -206,7 +206,7 @@ def apply(ctx: Context) -> TechniqueOutput:
         structured_prune(model, p["ratio"], p["scope"], p["importance"], ctx.progress)
         history = _finetune(model, ctx, p)
         model = _finish(model)
-        state_dict = _plain_state(model)
+        state = _state(arch, num_classes, p, _plain_state(model))
         kept = _kept_channels(teacher.model, model)
         extra = {"method": "structured", "scope": p["scope"], "importance": p["importance"],
                  "kept_channel_fraction": kept}
@@ -219,14 +219,13 @@ def apply(ctx: Context) -> TechniqueOutput:
         history = _finetune(model, ctx, p)   # the masks stay on, so pruned weights stay zero
         _remove_masks(model)
         model = _finish(model)
-        state_dict = _plain_state(model)
-        extra = _unstructured_extra(model, state_dict, _state(arch, num_classes, p, state_dict))
+        state = _state(arch, num_classes, p, _plain_state(model))
+        extra = _unstructured_extra(model, state)
         extra.update(method="unstructured", scope=p["scope"], importance=p["importance"])
         if p["importance"] == "l2":
             notes.append("for single weights L1 and L2 magnitude give the same ranking")
         notes.append("unstructured pruning only writes zeros: the dense file and the latency do not change; "
                      "extra.sparse_bitmask_bytes is what a sparse format (1-bit mask + fp32 nonzero values) takes")
-    state = _state(arch, num_classes, p, state_dict)
     # the file sizes of unstructured pruning are measured once, here, and reused by the runner
     sizes = ({"size_bytes": extra["dense_bytes"], "gzip_bytes": extra["gzip_bytes"], "file_bytes": extra["dense_bytes"]}
              if "gzip_bytes" in extra else {})
@@ -238,7 +237,8 @@ def _state(arch: str, num_classes: int, p: dict, state_dict: dict) -> dict:
             "state_dict": state_dict}
 
 
-def _unstructured_extra(model: nn.Module, state_dict: dict, state: dict) -> dict:
+def _unstructured_extra(model: nn.Module, state: dict) -> dict:
+    state_dict = state["state_dict"]
     keys = {f"{n}.weight" for n, _ in prunable_layers(model)}
     prunable = sum(state_dict[k].numel() for k in keys)
     zeros = sum(int((state_dict[k] == 0).sum()) for k in keys)
