@@ -46,7 +46,7 @@ def estimate_epoch_seconds(model_name: str, data: DataBundle, cfg: TrainConfig |
     epochs, total_seconds, text (e.g. "about 12 minutes for 5 epochs"), batches_timed,
     measure_seconds, threads, device.
     """
-    cfg = (cfg or recipe_for(data, model_name)).validate()
+    cfg = (cfg or recipe_for(data, model_name, device)).validate()
     if not (isinstance(batches, int) and 1 <= batches <= 100):
         raise InvalidParameter("batches", batches, "an integer from 1 to 100")
     if not (isinstance(warmup, int) and 0 <= warmup <= 20):

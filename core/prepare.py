@@ -213,14 +213,14 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
     models = _validate_models(models)
     data = dataset if isinstance(dataset, DataBundle) else load_dataset(dataset, data_root)
     given = base.validate() if base else None
-    base = given or recipe_for(data)   # per model below when not given (VGG clips its gradients)
     device = device or default_device()
+    base = given or recipe_for(data, device=device)   # per model below when not given (VGG clips its gradients)
     thread_info = configure_threads(threads)
     t_start = time.perf_counter()
     steps = max(1, math.ceil(len(training_indices(data, base)) / base.batch_size))
 
     def settings_for(model, n_epochs):
-        return TeacherSettings(model, dataclasses.replace(given or recipe_for(data, model), epochs=n_epochs))
+        return TeacherSettings(model, dataclasses.replace(given or recipe_for(data, model, device), epochs=n_epochs))
 
     plan_file = None
     if budget_minutes is not None:
@@ -232,7 +232,7 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
         if plan is None or set(plan) != set(models):
             for m in models:
                 emit(progress, stage="prepare", kind="message", message=f"timing a few batches of {m}")
-                estimates[m] = estimate_epoch_seconds(m, data, given or recipe_for(data, m), device)
+                estimates[m] = estimate_epoch_seconds(m, data, given or recipe_for(data, m, device), device)
             budget = budget_minutes * 60 * (1 - BUDGET_RESERVE) - (time.perf_counter() - t_start)
             plan = plan_epochs({m: e["seconds_per_epoch"] for m, e in estimates.items()}, budget,
                                epochs or MAX_EPOCHS)

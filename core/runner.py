@@ -60,7 +60,7 @@ def resolve_teacher(cfg: ExperimentConfig, progress: ProgressFn = None, data=Non
             return t
         emit(progress, stage="train", kind="message",
              message=f"no cached {cfg.model} teacher for {data.label}: training one with the default recipe")
-    return get_teacher(data, TeacherSettings(cfg.model, cfg.teacher_train or recipe_for(data, cfg.model)),
+    return get_teacher(data, TeacherSettings(cfg.model, cfg.teacher_train or recipe_for(data, cfg.model, cfg.device)),
                        device=cfg.device, progress=progress)
 
 

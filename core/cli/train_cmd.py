@@ -6,7 +6,7 @@ import dataclasses
 from ..datasets import load_dataset
 from ..models import DEFAULT_TEACHER, get_spec
 from ..teachers import TeacherSettings, get_teacher
-from ..training import recipe_for
+from ..training import PRECISIONS, recipe_for
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
 
 
@@ -18,6 +18,8 @@ def register(sub):
     p.add_argument("--epochs", type=int_range(0, 500), default=None, help=recipe.format(8, 5))
     p.add_argument("--batch-size", type=int_range(2, 4096), default=None, help=recipe.format(128, 64))
     p.add_argument("--lr", type=float_range(0, 10, lo_open=True), default=None, help="peak learning rate (0.1)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16 autocast or plain fp32 (default: bf16 where the CPU/GPU runs it natively)")
     p.add_argument("--subset", type=int_range(0), default=0, help="train on this many images (0 = all)")
     p.add_argument("--seed", type=int_range(0), default=0)
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights when available")
@@ -37,8 +39,8 @@ def teacher_summary(t) -> dict:
 def run(args) -> int:
     get_spec(args.model, "teacher")
     data = load_dataset(args.dataset, args.data_root)
-    chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-    cfg = dataclasses.replace(recipe_for(data, args.model), subset=args.subset, seed=args.seed,
+    chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision}
+    cfg = dataclasses.replace(recipe_for(data, args.model, args.device), subset=args.subset, seed=args.seed,
                               **{k: v for k, v in chosen.items() if v is not None})
     t = get_teacher(data, TeacherSettings(args.model, cfg, args.pretrained), device=args.device,
                     progress=progress_for(args))
