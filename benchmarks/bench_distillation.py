@@ -30,7 +30,7 @@ os.environ.setdefault("COMPRESSION_LAB_CACHE", "/tmp/kd_bench/cache")  # keep be
 os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
 
 from core.datasets import load_dataset  # noqa: E402
-from core.teachers import TeacherSettings, get_teacher  # noqa: E402
+from core.teachers import TeacherSettings, get_teacher, latest_teacher  # noqa: E402
 from core.techniques import get_technique  # noqa: E402
 from core.techniques import distillation as kd  # noqa: E402
 from core.training import TrainConfig, evaluate_accuracy, recipe_for  # noqa: E402
@@ -79,8 +79,8 @@ def prepare_svhn(test_from: int = 8400) -> Path:
 
 
 def dataset_name(name: str) -> str:
-    if name == "shapes":
-        return "shapes"
+    if name == "shapes" or name.startswith("folder:"):
+        return name
     path = {"cifar10": prepare_cifar, "svhn": prepare_svhn}[name]()
     return f"folder:{path}"
 
@@ -89,13 +89,16 @@ def cpu() -> float:
     return time.process_time()
 
 
-def run_one(name: str, eval_size: int, subsets, variants: list[str], recipe_teacher: bool = False) -> list[dict]:
+def run_one(name: str, eval_size: int, subsets, variants: list[str], recipe_teacher: bool = False,
+            cached_teacher: bool = False) -> list[dict]:
     data = load_dataset(dataset_name(name))
     teacher_cfg = recipe_for(data, "resnet34") if recipe_teacher else TEACHER
-    base = {"dataset": name, "train_images": len(data.train_y), "test_images": len(data.test_y),
-            "eval_images": len(data.eval_split(eval_size)[1]), "teacher_cfg": teacher_cfg.key()}
     c = cpu()
-    teacher = get_teacher(data, TeacherSettings("resnet34", teacher_cfg), device="cpu", measure=False)
+    teacher = latest_teacher(data, "resnet34") if cached_teacher else None
+    if teacher is None:
+        teacher = get_teacher(data, TeacherSettings("resnet34", teacher_cfg), device="cpu", measure=False)
+    base = {"dataset": name, "train_images": len(data.train_y), "test_images": len(data.test_y),
+            "eval_images": len(data.eval_split(eval_size)[1]), "teacher_cfg": teacher.meta["settings"]["train"]}
     x, y = data.eval_split(eval_size)
     base["teacher_accuracy"] = evaluate_accuracy(teacher.model, data, x, y)
     base["teacher_cached"], base["teacher_cpu_s"] = teacher.cached, cpu() - c
@@ -124,9 +127,12 @@ def run_one(name: str, eval_size: int, subsets, variants: list[str], recipe_teac
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", default="shapes,cifar10,svhn")
+    ap.add_argument("--datasets", default="shapes,cifar10,svhn",
+                    help="comma-separated: shapes, cifar10, svhn (this script's splits) or folder:<path>")
     ap.add_argument("--recipe-teacher", action="store_true",
                     help="the app's teacher (core.training.recipe_for) instead of the small budget above")
+    ap.add_argument("--cached-teacher", action="store_true",
+                    help="the newest cached resnet34 of the dataset (e.g. what `prepare` trained), if any")
     ap.add_argument("--eval-size", type=int, default=1000, help="held-out test images (0 = all)")
     ap.add_argument("--out", default="/tmp/kd_bench")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="KD students to train: " + ", ".join(VARIANTS))
@@ -136,7 +142,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.datasets.split(","):
         rows = run_one(name.strip(), args.eval_size, [int(v) for v in args.subsets.split(",")],
-                       [v.strip() for v in args.variants.split(",") if v.strip()], args.recipe_teacher)
+                       [v.strip() for v in args.variants.split(",") if v.strip()], args.recipe_teacher,
+                       args.cached_teacher)
         for row in rows:
             line = json.dumps(row)
             print(line, flush=True)

@@ -29,7 +29,7 @@ os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
 from core.datasets import load_dataset  # noqa: E402
 from core.metrics import compare_latency, count_macs, count_params  # noqa: E402
 from core.progress import TqdmProgress  # noqa: E402
-from core.teachers import TeacherSettings, get_teacher  # noqa: E402
+from core.teachers import TeacherSettings, get_teacher, latest_teacher  # noqa: E402
 from core.techniques import Context, get_technique  # noqa: E402
 from core.training import TrainConfig, evaluate_accuracy, recipe_for  # noqa: E402
 
@@ -42,10 +42,13 @@ class Clock:
         return {"wall_s": round(time.perf_counter() - self.wall, 1), "cpu_s": round(time.process_time() - self.cpu, 1)}
 
 
-def bench_model(name: str, data, teacher_cfg: TrainConfig, args, progress) -> dict:
+def bench_model(name: str, data, teacher_cfg: TrainConfig | None, args, progress) -> dict:
     clock = Clock()
-    teacher = get_teacher(data, TeacherSettings(name, teacher_cfg), device="cpu", progress=progress, measure=False)
-    row = {"model": name, "teacher_cached": teacher.cached, "teacher_path": str(teacher.path),
+    teacher = latest_teacher(data, name) if teacher_cfg is None else None
+    if teacher is None:
+        teacher = get_teacher(data, TeacherSettings(name, teacher_cfg or recipe_for(data, name)), device="cpu",
+                              progress=progress, measure=False)
+    row = {"model": name, "dataset": data.name, "teacher_cached": teacher.cached, "teacher_path": str(teacher.path),
            "teacher_train": teacher.meta["settings"]["train"], "teacher_step": clock.lap()}
     x, y = data.eval_split(args.eval_size)
     spec = get_technique("prune")
@@ -95,6 +98,9 @@ def bench_model(name: str, data, teacher_cfg: TrainConfig, args, progress) -> di
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet34", "densenet121"])
+    ap.add_argument("--dataset", default="shapes",
+                    help="e.g. folder:/tmp/teach_data/cifar10; real data uses the newest cached teacher "
+                         "(what `prepare` trained), else trains the default recipe")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the default recipe's")
     ap.add_argument("--teacher-subset", type=int, default=None, help="training images (default: all)")
     ap.add_argument("--ft-subset", type=int, default=0, help="fine-tuning images (0 = all)")
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds1", type=int, default=30)
     ap.add_argument("--out", default="/tmp/bench_pruning.jsonl")
     args = ap.parse_args(argv)
-    data = load_dataset("shapes")
+    data = load_dataset(args.dataset)
     progress = TqdmProgress()
     start = Clock()
     for name in args.models:
@@ -112,6 +118,8 @@ def main(argv=None) -> int:
         teacher_cfg = dataclasses.replace(
             base, epochs=args.teacher_epochs if args.teacher_epochs is not None else base.epochs,
             subset=args.teacher_subset if args.teacher_subset is not None else base.subset)
+        if not data.generated and args.teacher_epochs is None and args.teacher_subset is None:
+            teacher_cfg = None   # the newest cached teacher, as `compress` uses
         row = bench_model(name, data, teacher_cfg, args, progress)
         row["loadavg"] = os.getloadavg()
         line = json.dumps(row)

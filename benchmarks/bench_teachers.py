@@ -16,6 +16,7 @@ per-image PIL transforms, batch 128, float32 NCHW, constant-lr SGD.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -30,7 +31,7 @@ from core.datasets import DataBundle, load_dataset  # noqa: E402  (core first: i
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from core.models import STUDY_TEACHERS, build_model  # noqa: E402
-from core.training import TrainConfig, fit  # noqa: E402
+from core.training import TrainConfig, fit, recipe_for  # noqa: E402
 
 SRC = Path("/tmp/data")
 DST = Path("/tmp/teach_data")
@@ -152,8 +153,8 @@ def _recipe_run(name: str, data: DataBundle, n: int, warmup: int, bs: int) -> di
             stamps.append((time.perf_counter(), time.process_time()))
             if ev.kind == "batch":
                 sizes.append(bs)
-    fit(build_model(name, data.num_classes), data, TrainConfig(epochs=1, subset=(n + warmup) * bs, batch_size=bs),
-        eval_size=2, progress=on_event)
+    cfg = dataclasses.replace(recipe_for(data, name, "cpu"), epochs=1, subset=(n + warmup) * bs, batch_size=bs)
+    fit(build_model(name, data.num_classes), data, cfg, eval_size=2, progress=on_event)
     return _timed_batches(stamps, sizes, warmup)
 
 
@@ -178,7 +179,7 @@ def speed(data: DataBundle, models: list[str], batches: int, warmup: int = 2, bs
             run = _recipe_run if which == "recipe" else _plain_run
             acc[which].append(run(name, data, half, warmup, bs))
         row = {"model": name, "dataset": data.name, "batch_size": bs, "timed_batches_each": 2 * half,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "recipe_precision": recipe_for(data, name, "cpu").precision}
         for which, runs in acc.items():
             imgs = sum(r["images"] for r in runs)
             row[f"{which}_images_per_second"] = imgs / sum(r["wall"] for r in runs)
@@ -194,7 +195,7 @@ def estimates(data: DataBundle, models: list[str], epochs: int) -> list[dict]:
     from core.estimate import estimate_epoch_seconds
     rows = []
     for name in models:
-        e = estimate_epoch_seconds(name, data, TrainConfig(epochs=epochs), "cpu")
+        e = estimate_epoch_seconds(name, data, dataclasses.replace(recipe_for(data, name, "cpu"), epochs=epochs), "cpu")
         row = {k: e[k] for k in ("model", "seconds_per_epoch", "images_per_second", "text", "threads")}
         rows.append(row)
         out(row)

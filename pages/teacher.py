@@ -17,7 +17,7 @@ title = MODELS[model].title
 st.caption(f"{title} ({MODELS[model].description}) on {data.label}. Every compression starts from the newest "
            "cached teacher of this dataset and architecture.")
 
-recipe = recipe_for(data, model)   # the dataset's default recipe (short on generated data)
+recipe = recipe_for(data, model, ss.device)   # the dataset's default recipe (short on generated data)
 with st.container(border=True):   # plain widgets, so the estimate below sees the current values
     c1, c2, c3, c4 = st.columns(4)
     epochs = c1.number_input("Epochs", 1, 200, recipe.epochs, key="teacher.epochs",
@@ -27,10 +27,15 @@ with st.container(border=True):   # plain widgets, so the estimate below sees th
     lr = c3.select_slider("Peak learning rate", [0.01, 0.02, 0.05, 0.1, 0.2], value=recipe.lr,
                           key="teacher.lr")
     batch = c4.select_slider("Batch size", [32, 64, 128, 256], value=recipe.batch_size, key="teacher.batch")
+    bf16 = st.toggle("bfloat16 autocast", value=recipe.precision == "bf16", key="teacher.bf16",
+                     help="Runs the layers in bfloat16 while the weights stay fp32: 1.2-1.6x faster training on "
+                          "CPUs with AVX-512 BF16 or AMX and on recent GPUs; slow where the hardware lacks it. "
+                          f"Default here: {'on' if recipe.precision == 'bf16' else 'off'}.")
 
 settings = TeacherSettings(model, dataclasses.replace(recipe, epochs=int(epochs), subset=int(subset),
-                                                     lr=float(lr), batch_size=int(batch)))
-est_key = (data.name, model, int(epochs), int(subset), int(batch), ss.device)
+                                                     lr=float(lr), batch_size=int(batch),
+                                                     precision="bf16" if bf16 else "fp32"))
+est_key = (data.name, model, int(epochs), int(subset), int(batch), bool(bf16), ss.device)
 if st.button("Estimate the training time", icon=":material/timer:", key="teacher.estimate",
              help="Times a few training batches of these settings on this machine (a few seconds)."):
     with sh.guarded("Could not estimate: "), st.spinner("Timing a few training batches…"):
@@ -72,7 +77,7 @@ meta = teacher.meta
 st.subheader("Current teacher")
 tr = (meta.get("settings") or {}).get("train", {})
 st.caption(f"trained {meta.get('created', '?')} on {meta.get('device', '?')} · {tr.get('epochs', '?')} epochs · "
-           f"{'all' if not tr.get('subset') else tr.get('subset')} training images · "
+           f"{'all' if not tr.get('subset') else tr.get('subset')} training images · {tr.get('precision', 'fp32')} · "
            f"{meta.get('train_seconds', 0):.0f} s of training · file {teacher.path.name}")
 with sh.guarded("Could not measure the teacher: "):
     with st.spinner("Measuring accuracy, size, MACs and latency (once per teacher)…"):

@@ -88,6 +88,8 @@ def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
     assert "no cached" in texts(at).lower() and "Train it first" in texts(at)
     visit(at, "pages/teacher.py")
     assert at.number_input(key="teacher.epochs").value == 5   # small default for the offline dataset
+    from core.training import bf16_training_supported
+    assert at.toggle(key="teacher.bf16").value == bf16_training_supported("cpu")   # the recipe's precision
 
 
 def test_missing_dataset_offline_is_a_message_not_a_traceback():

@@ -164,3 +164,27 @@ def test_gradient_clipping_bounds_every_step(shapes):
                                    weight_decay=0.0, warmup_fraction=0.0), eval_size=10)
     step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert 0 < float(step) <= 10.0 * 1.9 * 1e-3
+
+
+def test_bf16_precision_runs_layers_in_bf16_keeps_fp32_weights_and_learns(shapes):
+    from core.errors import InvalidParameter
+    from core.training import bf16_training_supported, recipe_for
+    seen = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model("resnet8", shapes.num_classes)
+        dtypes = set()
+        hook = model.stem[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+        hist = fit(model, shapes, TrainConfig(epochs=2, subset=2000, batch_size=64, lr=0.05,
+                                              precision=precision), eval_size=500)
+        hook.remove()
+        seen[precision] = dtypes
+        assert {p.dtype for p in model.parameters()} == {torch.float32}   # master weights stay fp32
+        assert hist[-1]["val_accuracy"] > 0.25                             # chance is 0.10
+    assert seen == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert "precision" not in TrainConfig().key()                          # fp32: older teachers' keys hold
+    assert TrainConfig(precision="bf16").key()["precision"] == "bf16"
+    assert recipe_for(shapes, "resnet34", "cpu").precision == ("bf16" if bf16_training_supported("cpu") else "fp32")
+    assert recipe_for(shapes, "resnet34", "mps").precision == "fp32"
+    with pytest.raises(InvalidParameter, match="precision"):
+        TrainConfig(precision="fp8").validate()
