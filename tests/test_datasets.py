@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.datasets import (DataBundle, cifar_arrays_to_tensors, load_dataset, stratified_subset,
+from core.datasets import (cifar_arrays_to_tensors, load_dataset, stratified_subset,
                            svhn_arrays_to_tensors)
 from core.errors import DataUnavailable, LabError
 from core.synthetic import generate

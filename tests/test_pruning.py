@@ -160,7 +160,7 @@ def test_unstructured_global_differs_from_layerwise(make_teacher):
         sizes = [mod.weight.numel() for _, mod in pruning.prunable_layers(m)]
         return [z / n for z, n in zip(zeros, sizes)], sum(zeros) / sum(sizes)
 
-    (layer, total_l), (glob, total_g) = sparsities("layer"), sparsities("global")
+    (layer, _), (glob, total_g) = sparsities("layer"), sparsities("global")
     assert all(s == pytest.approx(0.5, abs=1e-3) for s in layer)
     assert total_g == pytest.approx(0.5, abs=1e-4)
     assert max(glob) - min(glob) > 0.1        # one threshold: layers end up with different sparsity

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from core import cache
-from core.datasets import load_dataset
 from core.teachers import TeacherSettings, find_teacher, get_teacher, latest_teacher, weights_path
 from core.training import TrainConfig, augment_batch, fit, one_cycle_lr
 from core.models import build_model

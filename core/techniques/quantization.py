@@ -24,6 +24,7 @@ from .. import metrics
 from ..errors import LabError
 from ..models import build_model
 from ..progress import emit
+from ..training import bf16_training_supported
 from . import quant_fake, quant_ort
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
@@ -239,8 +240,7 @@ def half_support(mode: str) -> tuple[bool, str]:
     cap = torch.backends.cpu.get_cpu_capability()
     mkldnn = torch.backends.mkldnn.is_available()
     if mode == "bf16":
-        native = mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if not native:
+        if not bf16_training_supported("cpu"):
             return False, (f"this CPU ({cap}) has no bfloat16 support in oneDNN (needs AVX-512 BF16/AMX or "
                            "similar); use fp16 or int8")
         return True, f"bf16 runs through oneDNN on this CPU ({cap})"
