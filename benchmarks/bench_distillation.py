@@ -30,7 +30,8 @@ os.environ.setdefault("COMPRESSION_LAB_CACHE", "/tmp/kd_bench/cache")  # keep be
 os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
 
 from core.datasets import load_dataset  # noqa: E402
-from core.teachers import TeacherSettings, get_teacher, latest_teacher  # noqa: E402
+from core.runner import ExperimentConfig, resolve_teacher  # noqa: E402
+from core.teachers import TeacherSettings, get_teacher  # noqa: E402
 from core.techniques import get_technique  # noqa: E402
 from core.techniques import distillation as kd  # noqa: E402
 from core.training import TrainConfig, evaluate_accuracy, recipe_for  # noqa: E402
@@ -94,8 +95,9 @@ def run_one(name: str, eval_size: int, subsets, variants: list[str], recipe_teac
     data = load_dataset(dataset_name(name))
     teacher_cfg = recipe_for(data, "resnet34") if recipe_teacher else TEACHER
     c = cpu()
-    teacher = latest_teacher(data, "resnet34") if cached_teacher else None
-    if teacher is None:
+    if cached_teacher:   # the newest cached resnet34 (what `compress` uses), else the default recipe
+        teacher = resolve_teacher(ExperimentConfig(data.name, "resnet34", device="cpu"), data=data)
+    else:
         teacher = get_teacher(data, TeacherSettings("resnet34", teacher_cfg), device="cpu", measure=False)
     base = {"dataset": name, "train_images": len(data.train_y), "test_images": len(data.test_y),
             "eval_images": len(data.eval_split(eval_size)[1]), "teacher_cfg": teacher.meta["settings"]["train"]}
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe-teacher", action="store_true",
                     help="the app's teacher (core.training.recipe_for) instead of the small budget above")
     ap.add_argument("--cached-teacher", action="store_true",
-                    help="the newest cached resnet34 of the dataset (e.g. what `prepare` trained), if any")
+                    help="the newest cached resnet34 of the dataset (e.g. what `prepare` trained); "
+                         "if none, one trained with the default recipe")
     ap.add_argument("--eval-size", type=int, default=1000, help="held-out test images (0 = all)")
     ap.add_argument("--out", default="/tmp/kd_bench")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="KD students to train: " + ", ".join(VARIANTS))

@@ -29,7 +29,7 @@ os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
 from core.datasets import load_dataset  # noqa: E402
 from core.metrics import compare_latency, count_macs, count_params  # noqa: E402
 from core.progress import TqdmProgress  # noqa: E402
-from core.teachers import TeacherSettings, get_teacher, latest_teacher  # noqa: E402
+from core.runner import ExperimentConfig, resolve_teacher  # noqa: E402
 from core.techniques import Context, get_technique  # noqa: E402
 from core.training import TrainConfig, evaluate_accuracy, recipe_for  # noqa: E402
 
@@ -44,10 +44,9 @@ class Clock:
 
 def bench_model(name: str, data, teacher_cfg: TrainConfig | None, args, progress) -> dict:
     clock = Clock()
-    teacher = latest_teacher(data, name) if teacher_cfg is None else None
-    if teacher is None:
-        teacher = get_teacher(data, TeacherSettings(name, teacher_cfg or recipe_for(data, name)), device="cpu",
-                              progress=progress, measure=False)
+    # teacher_cfg None: the newest cached teacher (what `compress` uses), else the default recipe
+    teacher = resolve_teacher(ExperimentConfig(data.name, name, device="cpu", teacher_train=teacher_cfg),
+                              progress, data)
     row = {"model": name, "dataset": data.name, "teacher_cached": teacher.cached, "teacher_path": str(teacher.path),
            "teacher_train": teacher.meta["settings"]["train"], "teacher_step": clock.lap()}
     x, y = data.eval_split(args.eval_size)

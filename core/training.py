@@ -71,9 +71,8 @@ PRECISIONS = ("fp32", "bf16")
 def bf16_training_supported(device: str) -> bool:
     """Whether bfloat16 autocast is fast on `device`: oneDNN with AVX-512 BF16/AMX, or a CUDA GPU with it."""
     if device == "cpu":
-        mkldnn = getattr(torch.ops, "mkldnn", None)
-        try:
-            return bool(torch.backends.mkldnn.is_available() and mkldnn._is_mkldnn_bf16_supported())
+        try:   # a private oneDNN query: treated as "no" if a later PyTorch drops it
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
     if device == "cuda":
