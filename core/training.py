@@ -146,6 +146,19 @@ def evaluate_accuracy(model, data: DataBundle, x, y, device="cpu") -> float:
     return float((predict_logits(model, data, x, device).argmax(1) == y).float().mean())
 
 
+def make_sgd(param_groups: list[dict], lr: float) -> torch.optim.SGD:
+    """Nesterov SGD, with the fused kernel where the device has one.
+
+    The default per-parameter loop walks every weight several times a step: VGG16-BN's 134M
+    parameters took 0.36 s per update on two cores, the fused kernel 0.035 s (a whole step 1.23x
+    faster; ResNet-34 1.16x). Same update rule, so cached teachers keep their keys.
+    """
+    try:
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True, fused=True)
+    except (RuntimeError, ValueError):   # a device or dtype without a fused SGD
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
+
+
 def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "cpu",
         loss_fn: Optional[LossFn] = None, progress: ProgressFn = None, stage: str = "train",
         eval_size: int = 1000, start_epoch: int = 0, history: list | None = None,
@@ -168,9 +181,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=0.9, nesterov=True)
+    opt = make_sgd([{"params": decay, "weight_decay": cfg.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0}], cfg.lr)
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -9,7 +9,7 @@ import torch
 
 from core import cache
 from core.teachers import TeacherSettings, find_teacher, get_teacher, latest_teacher, weights_path
-from core.training import TrainConfig, augment_batch, fit, one_cycle_lr
+from core.training import TrainConfig, augment_batch, fit, make_sgd, one_cycle_lr
 from core.models import build_model
 
 
@@ -42,6 +42,29 @@ def test_one_cycle_schedule_warms_up_then_anneals():
 
 def _teacher_settings(epochs=1, subset=600):
     return TeacherSettings("resnet34", TrainConfig(epochs=epochs, subset=subset, batch_size=64, lr=0.05))
+
+
+def test_fused_sgd_takes_the_same_steps_as_the_reference_sgd():
+    """The fused kernel is a speed-up only: cached teachers' keys assume the same update rule."""
+    torch.manual_seed(0)
+    a = build_model("resnet8", 10)
+    b = build_model("resnet8", 10)
+    b.load_state_dict(a.state_dict())
+    start = [p.detach().clone() for p in a.parameters()]
+    groups = lambda m: [{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 5e-4},
+                        {"params": [p for p in m.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    fast = make_sgd(groups(a), 0.1)
+    ref = torch.optim.SGD(groups(b), lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+    assert fast.defaults["fused"], "CPU has a fused SGD kernel; make_sgd should use it"
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        for m, opt in ((a, fast), (b, ref)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    assert max((pa - p0).abs().max().item() for pa, p0 in zip(a.parameters(), start)) > 1e-3
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_round_trip_and_sidecar(fresh_cache, shapes):
