@@ -80,6 +80,18 @@ def bf16_training_supported(device: str) -> bool:
     return False   # MPS: bfloat16 autocast is incomplete there
 
 
+# Real data gets at least the optimizer steps of 8 CIFAR-10 epochs (45,000 images, batch 128):
+# the 7,200-image SVHN slice stopped after 450 steps at 8 epochs, mostly short of learning at all
+# (ResNet-50 22%, docs/teachers.md). Capped so a few hundred images do not mean a thousand epochs.
+MIN_DEFAULT_STEPS = 2800
+MAX_DEFAULT_EPOCHS = 60
+
+
+def default_epochs(n_train: int, batch_size: int) -> int:
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return min(MAX_DEFAULT_EPOCHS, max(TrainConfig.epochs, math.ceil(MIN_DEFAULT_STEPS / steps_per_epoch)))
+
+
 def recipe_for(data: DataBundle, model: str | None = None, device: str | None = None) -> TrainConfig:
     """The default teacher recipe for a dataset (and model): generated data gets a short demo recipe.
 
@@ -87,11 +99,15 @@ def recipe_for(data: DataBundle, model: str | None = None, device: str | None = 
     idle cores; batch 128 reached 85.0% in 141 s (docs/teachers.md). Real data: TrainConfig().
     VGG (no residual paths, 4096-wide linear layers) went to NaN in its first epoch at peak lr 0.1
     and batch 64; clipping the gradient norm at 2 keeps it finite.
+    Real data: 8 epochs, or more for small sets (default_epochs).
     bfloat16 autocast where the hardware runs it natively: on this project's 2-core AVX-512 BF16 CPU
     a ResNet-34 step is 1.36x faster, a whole CIFAR-10 epoch 1.25x (VGG16-BN step 1.6x); docs/teachers.md.
     """
     from .settings import default_device
-    cfg = TrainConfig(epochs=5, batch_size=64, lr=0.1) if getattr(data, "generated", False) else TrainConfig()
+    if getattr(data, "generated", False):
+        cfg = TrainConfig(epochs=5, batch_size=64, lr=0.1)
+    else:
+        cfg = TrainConfig(epochs=default_epochs(len(data.train_y), TrainConfig.batch_size))
     if bf16_training_supported(device or default_device()):
         cfg = dataclasses.replace(cfg, precision="bf16")
     if model and model.startswith("vgg"):

@@ -173,6 +173,21 @@ def test_recipe_per_dataset_and_model_and_stable_keys(shapes):
     assert TrainConfig(grad_clip=2.0).key()["grad_clip"] == 2.0
 
 
+def test_real_data_recipe_gives_small_sets_enough_steps(shapes):
+    import dataclasses
+    from core.training import MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, recipe_for
+    big = dataclasses.replace(shapes, generated=False, train_x=shapes.train_x.repeat(5, 1, 1, 1),
+                              train_y=shapes.train_y.repeat(5), mean=shapes.mean, std=shapes.std)
+    small = dataclasses.replace(shapes, generated=False, train_x=shapes.train_x[:7200],
+                                train_y=shapes.train_y[:7200], mean=shapes.mean, std=shapes.std)
+    tiny = dataclasses.replace(small, train_x=shapes.train_x[:300], train_y=shapes.train_y[:300])
+    r_big, r_small, r_tiny = (recipe_for(d, "resnet34") for d in (big, small, tiny))
+    assert r_big.epochs == TrainConfig().epochs                 # 50,000 images: 8 epochs are 3,128 steps
+    steps = lambda r, d: r.epochs * -(-len(d.train_y) // r.batch_size)
+    assert r_small.epochs > r_big.epochs and steps(r_small, small) >= MIN_DEFAULT_STEPS
+    assert r_tiny.epochs == MAX_DEFAULT_EPOCHS
+
+
 def test_gradient_clipping_bounds_every_step(shapes):
     import torch
     from core.models import build_model
