@@ -16,7 +16,7 @@ def register(sub):
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help=f"teachers to prepare (default: {' '.join(STUDY_TEACHERS)})")
     p.add_argument("--epochs", type=int_range(1, 500), default=None,
-                   help=f"epochs per model (default 8; 5 on generated data); with --budget-minutes the most any model gets "
+                   help=f"epochs per model (default 8, more on small sets: at least 2,800 steps; 5 on generated data); with --budget-minutes the most any model gets "
                         f"(default {MAX_EPOCHS})")
     p.add_argument("--budget-minutes", type=float_range(0, 100_000, lo_open=True), default=None,
                    help="fit all training into about this many minutes (epochs per model from a timing)")

@@ -15,7 +15,8 @@ def register(sub):
     add_data_args(p)
     p.add_argument("--model", default=DEFAULT_TEACHER)
     recipe = "the dataset's recipe: {} on real data, {} on generated data"
-    p.add_argument("--epochs", type=int_range(0, 500), default=None, help=recipe.format(8, 5))
+    p.add_argument("--epochs", type=int_range(0, 500), default=None,
+                   help=recipe.format("8, more on sets under ~45,000 images (at least 2,800 steps, up to 60)", 5))
     p.add_argument("--batch-size", type=int_range(2, 4096), default=None, help=recipe.format(128, 64))
     p.add_argument("--lr", type=float_range(0, 10, lo_open=True), default=None, help="peak learning rate (0.1)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
