@@ -4,6 +4,7 @@ For each teacher (from the shared cache; trained with the default recipe if miss
 file ratio, batch-1 latency speedup (int8 vs fp32, both in ONNX Runtime, timed interleaved),
 accuracy drop on the full test set; fake 8-bit and 4-bit per-channel drops; a bit-width curve
 16 -> 1 for resnet34; and, for the int8 backend choice, torch.ao FX int8 vs eager fp32 on resnet34.
+--profile adds ONNX Runtime's per-operator share of batch-1 time for the fp32 and int8 sessions.
 
     nice -n 10 python -m benchmarks.bench_quantization --threads 2 --json /tmp/bench_quant.json
 """
@@ -49,7 +50,7 @@ def file_bytes(state) -> int:
     return len(metrics.serialized_bytes(state))
 
 
-def bench_int8(spec, teacher, data, threads, rounds, acc_fp32):
+def bench_int8(spec, teacher, data, threads, rounds, acc_fp32, profile=False):
     t0 = time.perf_counter()
     out = spec.apply(Context(teacher, data, {"mode": "int8"}))
     seconds = time.perf_counter() - t0
@@ -68,7 +69,35 @@ def bench_int8(spec, teacher, data, threads, rounds, acc_fp32):
         fp32, int8, speed = metrics.compare_latency(out.baseline_model, out.model, 64, rounds=max(3, rounds // 4),
                                                     warmup=1, threads=threads)
         row.update(ort_fp32_ms_b64=fp32.median_ms, int8_ms_b64=int8.median_ms, speedup_b64=speed)
+        if profile:
+            row["profile_b1"] = {m.label: op_profile(m.onnx_bytes, threads) for m in (out.baseline_model, out.model)}
     return row
+
+
+def op_profile(onnx_bytes: bytes, threads: int, runs: int = 100) -> dict:
+    """Share of batch-1 kernel time per operator type (ONNX Runtime's profiler), and nodes per run."""
+    import collections
+    import onnxruntime as ort
+    from core.techniques.quant_ort import INPUT_NAME
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "lab-ort-profile")
+    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    x = metrics.latency_input(1, channels_last=False).numpy()
+    for _ in range(runs):
+        sess.run(None, {INPUT_NAME: x})
+    path = sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    os.remove(path)
+    time_by_op, nodes = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            time_by_op[e["args"]["op_name"]] += e["dur"]
+            nodes[e["args"]["op_name"]] += 1
+    total = sum(time_by_op.values()) or 1
+    return {op: {"share": round(t / total, 3), "nodes": nodes[op] // runs} for op, t in time_by_op.most_common()}
 
 
 def bench_fake(spec, teacher, data, bits, acc_fp32, granularity="per_channel"):
@@ -123,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--curve", default="resnet34", help="teacher for the 16 -> 1 bit curve ('' to skip)")
     ap.add_argument("--vgg16", action="store_true", help="also convert vgg16 (no BN) to int8")
     ap.add_argument("--no-fx", action="store_true", help="skip the torch.ao FX comparison")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile batch-1 fp32 and int8 sessions: share of kernel time per operator")
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--calibrations", nargs="*", default=[],
                     help="also convert each teacher with these int8 calibrations (minmax p99.9 p99.5) and report drops")
@@ -141,7 +172,7 @@ def main(argv=None):
         acc = accuracy(teacher.model, data)
         row = {"teacher_file": str(teacher.path), "teacher_settings": teacher.meta.get("settings", {}).get("train"),
                "acc_fp32": acc}
-        row["int8"] = bench_int8(spec, teacher, data, args.threads, args.rounds, acc)
+        row["int8"] = bench_int8(spec, teacher, data, args.threads, args.rounds, acc, args.profile)
         row["fake8"] = bench_fake(spec, teacher, data, 8, acc)
         row["fake4"] = bench_fake(spec, teacher, data, 4, acc)
         row["calibrations"] = {}
