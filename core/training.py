@@ -96,7 +96,7 @@ def recipe_for(data: DataBundle, model: str | None = None, device: str | None = 
     """The default teacher recipe for a dataset (and model): generated data gets a short demo recipe.
 
     Shapes: 5 epochs at batch 64 (more steps per epoch) reach 88.8% with ResNet-34 in 169 s on two
-    idle cores; batch 128 reached 85.0% in 141 s (docs/teachers.md). Real data: TrainConfig().
+    idle cores; batch 128 reached 85.0% in 141 s (docs/teachers.md).
     VGG (no residual paths, 4096-wide linear layers) went to NaN in its first epoch at peak lr 0.1
     and batch 64; clipping the gradient norm at 2 keeps it finite.
     Real data: 8 epochs, or more for small sets (default_epochs).
