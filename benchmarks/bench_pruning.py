@@ -5,6 +5,7 @@ Per teacher, on the offline default dataset ("shapes"), in one run:
   1. structured, ratio 0.5 (layer-wise, L1): MACs and params teacher vs pruned, batch-64 and
      batch-1 CPU latency timed interleaved (core.metrics.compare_latency), accuracy without fine-tuning;
   2. structured, ratio 0.3 with 0, 1 and 2 epochs of fine-tuning: accuracy vs the teacher.
+--forms also times ratio 0.5 as NCHW, channels-last, BN-folded eager PyTorch and in ONNX Runtime.
 Targets (issue): ratio 0.5 -> MACs >= 2.5x lower and batch-64 speedup >= 0.7 x the MAC reduction;
 ratio 0.3 + 1 fine-tuning epoch -> within 3 points of the teacher.
 
