@@ -78,10 +78,8 @@ def op_profile(onnx_bytes: bytes, threads: int, runs: int = 100) -> dict:
     """Share of batch-1 kernel time per operator type (ONNX Runtime's profiler), and nodes per run."""
     import collections
     import onnxruntime as ort
-    from core.techniques.quant_ort import INPUT_NAME
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from core.techniques.quant_ort import INPUT_NAME, session_options
+    so = session_options(threads)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "lab-ort-profile")
     sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])

@@ -162,6 +162,15 @@ def evaluate_accuracy(model, data: DataBundle, x, y, device="cpu") -> float:
     return float((predict_logits(model, data, x, device).argmax(1) == y).float().mean())
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable weights with weight decay; biases and norm parameters (1-d) without."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_sgd(param_groups: list[dict], lr: float) -> torch.optim.SGD:
     """Nesterov SGD, with the fused kernel where the device has one.
 
@@ -193,12 +202,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "
     n = len(idx_all)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total_steps = steps_per_epoch * max(cfg.epochs, 1)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = make_sgd([{"params": decay, "weight_decay": cfg.weight_decay},
-                    {"params": no_decay, "weight_decay": 0.0}], cfg.lr)
+    opt = make_sgd(decay_groups(model, cfg.weight_decay), cfg.lr)
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -9,7 +9,7 @@ import torch
 
 from core import cache
 from core.teachers import TeacherSettings, find_teacher, get_teacher, latest_teacher, weights_path
-from core.training import TrainConfig, augment_batch, fit, make_sgd, one_cycle_lr
+from core.training import TrainConfig, augment_batch, decay_groups, fit, make_sgd, one_cycle_lr
 from core.models import build_model
 
 
@@ -51,10 +51,8 @@ def test_fused_sgd_takes_the_same_steps_as_the_reference_sgd():
     b = build_model("resnet8", 10)
     b.load_state_dict(a.state_dict())
     start = [p.detach().clone() for p in a.parameters()]
-    groups = lambda m: [{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 5e-4},
-                        {"params": [p for p in m.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    fast = make_sgd(groups(a), 0.1)
-    ref = torch.optim.SGD(groups(b), lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+    fast = make_sgd(decay_groups(a, 5e-4), 0.1)
+    ref = torch.optim.SGD(decay_groups(b, 5e-4), lr=0.1, momentum=0.9, nesterov=True, foreach=False)
     assert fast.defaults["fused"], "CPU has a fused SGD kernel; make_sgd should use it"
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     for _ in range(3):

@@ -38,6 +38,19 @@ STRIDED = {"minmax": {"CalibStridedMinMax": 1}}
 QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 
 
+def session_options(threads: int):
+    """CPU session options the lab times with: `threads` intra-op threads, no busy-waiting."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # no busy-waiting: two sessions timed alternately (and other users of the CPU)
+    # must not steal cycles from each other
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind nn.Module's interface (CPU, float32 in, float32 logits out).
 
@@ -58,14 +71,8 @@ class OrtModule(nn.Module):
         with self._lock:
             sess = self._sessions.get(threads)
             if sess is None:
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
-                so.log_severity_level = 3
-                # no busy-waiting: two sessions timed alternately (and other users of the CPU)
-                # must not steal cycles from each other
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                sess = ort.InferenceSession(self.onnx_bytes, so, providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(self.onnx_bytes, session_options(threads),
+                                            providers=["CPUExecutionProvider"])
                 self._sessions = {threads: sess}   # keep one: sessions hold the weights in memory
             return sess
 
