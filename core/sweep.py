@@ -98,21 +98,32 @@ def write_report(results: list[ExperimentResult], out_dir: Path, max_drop: float
     frame = results_frame(results)
     csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
     frame.to_csv(csv_path, index=False)
-    best = best_per_dataset(frame, max_drop) if len(frame) else None
+    md_path.write_text(report_markdown(frame, max_drop))
+    return csv_path, md_path
+
+
+def report_markdown(frame, max_drop: float = 0.01) -> str:
     lines = ["# Compression sweep", "",
              f"{len(frame)} runs. Accuracy on each dataset's fixed evaluation subset; latency on the CPU "
              f"({frame['compressed_threads'].iloc[0] if len(frame) else '?'} threads).", "",
              f"**Criterion**: the smallest model within {max_drop * 100:.1f} accuracy points of its teacher. "
              "A technique's score is the geometric mean, over teachers, of its best size reduction among "
              "runs meeting the criterion (1.0× where none does).", ""]
-    if best is not None:
-        lines += ["## Best technique per dataset", "", "| dataset | best technique | score | smallest qualifying run |",
-                  "|---|---|---|---|"]
-        for _, b in best.iterrows():
-            sr = f" ({b['smallest_run_size_ratio']:.1f}× smaller)" if b["smallest_run"] else ""
-            lines.append(f"| {b['dataset']} | **{b['best_technique']}** | {b['score']:.2f}× | {b['smallest_run'] or '-'}{sr} |")
-        lines.append("")
-    for ds, g in frame.groupby("dataset") if len(frame) else []:
+    if not len(frame):
+        return "\n".join(lines)
+    best = best_per_dataset(frame, max_drop)
+    lines += ["## Best technique per dataset", "",
+              "| dataset | best technique | score | every technique's score | smallest qualifying run |",
+              "|---|---|---|---|---|"]
+    for _, b in best.iterrows():
+        sr = f" ({b['smallest_run_size_ratio']:.1f}× smaller)" if b["smallest_run"] else ""
+        scores = {c[len("score_"):]: b[c] for c in best.columns if c.startswith("score_") and b[c] == b[c]}
+        all_scores = ", ".join(f"{t} {v:.2f}×" for t, v in sorted(scores.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {b['dataset']} | **{b['best_technique']}** | {b['score']:.2f}× | {all_scores} | "
+                     f"{b['smallest_run'] or '-'}{sr} |")
+    lines.append("")
+    lines += _distillation_lines(frame)
+    for ds, g in frame.groupby("dataset"):
         lines += [f"## {ds}", "", "| teacher | setting | teacher acc | compressed acc | drop (pts) | size × | "
                   "latency b1 × | MACs × |", "|---|---|---|---|---|---|---|---|"]
         for _, r in g.sort_values(["model", "technique"]).iterrows():
@@ -120,8 +131,25 @@ def write_report(results: list[ExperimentResult], out_dir: Path, max_drop: float
                          f"{r['compressed_accuracy']:.3f} | {r['accuracy_drop'] * 100:+.1f} | "
                          f"{_x(r['size_ratio'])} | {_x(r['latency_speedup_b1'])} | {_x(r['macs_ratio'])} |")
         lines.append("")
-    md_path.write_text("\n".join(lines))
-    return csv_path, md_path
+    return "\n".join(lines)
+
+
+def _distillation_lines(frame) -> list[str]:
+    """What distillation adds: each KD student beside the same student trained from scratch."""
+    if "scratch_accuracy" not in frame:
+        return []
+    kd = frame[(frame["technique"] == "distill") & frame["scratch_accuracy"].notna()]
+    if not len(kd):
+        return []
+    lines = ["## Distillation: what the teacher adds", "",
+             "The KD student against the same student trained from scratch with the same budget.", "",
+             "| dataset | teacher | setting | teacher acc | KD student | from scratch | KD − scratch (pts) |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in kd.sort_values(["dataset", "model"]).iterrows():
+        gain = (r["compressed_accuracy"] - r["scratch_accuracy"]) * 100
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['setting']} | {r['baseline_accuracy']:.3f} | "
+                     f"{r['compressed_accuracy']:.3f} | {r['scratch_accuracy']:.3f} | {gain:+.1f} |")
+    return lines + [""]
 
 
 def _x(v) -> str:

@@ -67,3 +67,20 @@ def test_compress_cli_json_shape(teacher, capsys):
     assert keys <= set(out["baseline"]) and keys <= set(out["compressed"])
     assert out["params"]["bits"] == 6 and out["eval_images"] == 200 and 0 <= out["compressed"]["accuracy"] <= 1
     assert out["compressed"]["size_bytes"] < out["baseline"]["size_bytes"] / 4
+
+
+def test_report_shows_every_score_and_what_distillation_adds():
+    import pandas as pd
+    from core.sweep import report_markdown
+    row = {"dataset": "d", "model": "m", "baseline_accuracy": 0.9, "latency_speedup_b1": 1.0, "macs_ratio": 1.0,
+           "compressed_threads": 2}
+    frame = pd.DataFrame([
+        dict(row, technique="quantize", setting="q", accuracy_drop=0.005, size_ratio=4.0, compressed_size_bytes=25,
+             compressed_accuracy=0.895, scratch_accuracy=float("nan")),
+        dict(row, technique="distill", setting="kd", accuracy_drop=0.1, size_ratio=50.0, compressed_size_bytes=2,
+             compressed_accuracy=0.8, scratch_accuracy=0.75),
+    ])
+    text = report_markdown(frame, max_drop=0.01)
+    assert "quantize 4.00×, distill 1.00×" in text
+    kd_line = next(line for line in text.splitlines() if line.startswith("| d | m | kd |"))
+    assert kd_line.endswith("| 0.800 | 0.750 | +5.0 |")
