@@ -103,6 +103,7 @@ def write_report(results: list[ExperimentResult], out_dir: Path, max_drop: float
 
 
 def report_markdown(frame, max_drop: float = 0.01) -> str:
+    """The report for a results frame (results_frame's columns): best technique, distillation, every run."""
     lines = ["# Compression sweep", "",
              f"{len(frame)} runs. Accuracy on each dataset's fixed evaluation subset; latency on the CPU "
              f"({frame['compressed_threads'].iloc[0] if len(frame) else '?'} threads).", "",

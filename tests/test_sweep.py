@@ -5,7 +5,7 @@ import pytest
 
 from core.cli import main
 from core.results import ResultStore
-from core.sweep import SweepPlan, best_per_dataset, run_sweep, write_report
+from core.sweep import SweepPlan, best_per_dataset, report_markdown, run_sweep, write_report
 from core.results import results_frame
 
 
@@ -71,7 +71,6 @@ def test_compress_cli_json_shape(teacher, capsys):
 
 def test_report_shows_every_score_and_what_distillation_adds():
     import pandas as pd
-    from core.sweep import report_markdown
     row = {"dataset": "d", "model": "m", "baseline_accuracy": 0.9, "latency_speedup_b1": 1.0, "macs_ratio": 1.0,
            "compressed_threads": 2}
     frame = pd.DataFrame([
