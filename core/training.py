@@ -80,6 +80,12 @@ def bf16_training_supported(device: str) -> bool:
     return False   # MPS: bfloat16 autocast is incomplete there
 
 
+def training_precision(device: str) -> str:
+    """"bf16" where the hardware runs bfloat16 autocast natively, else "fp32": the teacher recipe's
+    choice, also used for fine-tuning after pruning and for distillation students."""
+    return "bf16" if bf16_training_supported(torch.device(device).type) else "fp32"
+
+
 # Real data gets at least the optimizer steps of 8 CIFAR-10 epochs (45,000 images, batch 128):
 # the 7,200-image SVHN slice stopped after 450 steps at 8 epochs, mostly short of learning at all
 # (ResNet-50 22%, docs/teachers.md). Capped so a few hundred images do not mean a thousand epochs.
@@ -108,8 +114,7 @@ def recipe_for(data: DataBundle, model: str | None = None, device: str | None = 
         cfg = TrainConfig(epochs=5, batch_size=64, lr=0.1)
     else:
         cfg = TrainConfig(epochs=default_epochs(len(data.train_y), TrainConfig.batch_size))
-    if bf16_training_supported(device or default_device()):
-        cfg = dataclasses.replace(cfg, precision="bf16")
+    cfg = dataclasses.replace(cfg, precision=training_precision(device or default_device()))
     if model and model.startswith("vgg"):
         cfg = dataclasses.replace(cfg, grad_clip=2.0)
     return cfg

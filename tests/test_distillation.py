@@ -160,3 +160,16 @@ def test_distill_experiment_scratch_cache_and_repeat(make_teacher, shapes, monke
     acc = float((predict_logits(model, shapes, x).argmax(1) == y).float().mean())
     assert acc == pytest.approx(r1.compressed["accuracy"])
     assert type(model).__name__ == "ResNetSmall"
+
+
+def test_students_train_in_the_recipe_precision_and_are_cached_by_it(monkeypatch, shapes):
+    import core.training as training
+    p = get_technique("distill").validate({"epochs": 1})
+    monkeypatch.setattr(training, "bf16_training_supported", lambda device: device == "cpu")
+    bf16 = kd._train_config(p, device="cpu")
+    assert bf16.precision == "bf16" and kd._train_config(p, device="mps").precision == "fp32"
+    monkeypatch.setattr(training, "bf16_training_supported", lambda device: False)
+    fp32 = kd._train_config(p, device="cpu")
+    assert fp32.precision == "fp32"
+    # a from-scratch twin trained in one precision is never served for the other
+    assert kd.scratch_path(shapes, "resnet8", bf16) != kd.scratch_path(shapes, "resnet8", fp32)

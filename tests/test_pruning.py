@@ -109,6 +109,24 @@ def test_structured_densenet121_concatenations(make_teacher, shapes, spec):
     assert torch.equal(_logits(reloaded, shapes), logits)
 
 
+def test_finetuning_uses_the_recipe_precision(make_teacher, shapes, spec, monkeypatch):
+    import core.training as training
+    teacher = make_teacher("resnet34", subset=RN_SUBSET)
+    seen, real_fit = [], pruning.fit
+
+    def spy(model, data, cfg, **kw):
+        seen.append(cfg.precision)
+        return real_fit(model, data, cfg, **kw)
+
+    monkeypatch.setattr(pruning, "fit", spy)
+    p = spec.validate({"ratio": 0.3, "finetune_epochs": 1, "finetune_subset": 64})
+    for supported in (True, False):
+        monkeypatch.setattr(training, "bf16_training_supported", lambda device, s=supported: s)
+        out = spec.apply(Context(teacher, shapes, p, eval_size=50))
+        assert len(out.history) == 1
+    assert seen == ["bf16", "fp32"]
+
+
 def test_structured_global_differs_from_layerwise(make_teacher):
     teacher = make_teacher("resnet34", subset=RN_SUBSET)
 

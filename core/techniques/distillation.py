@@ -24,7 +24,7 @@ from .. import cache, settings
 from ..errors import CorruptCacheEntry, LabError
 from ..models import DEFAULT_STUDENT, STUDENTS, build_model
 from ..progress import ProgressFn, emit
-from ..training import TrainConfig, fit, predict_logits, training_indices
+from ..training import TrainConfig, fit, predict_logits, training_indices, training_precision
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
 
@@ -112,9 +112,10 @@ def teacher_logits(teacher, data, indices: torch.Tensor | None = None, device: s
 
 
 # ----------------------------------------------------------------------------- students
-def _train_config(p: dict, augment: bool = True) -> TrainConfig:
+def _train_config(p: dict, augment: bool = True, device: str = "cpu") -> TrainConfig:
+    # the teacher recipe's precision: a ResNet-8 step is 1.6x faster in bf16 on an AVX-512 BF16 CPU
     return TrainConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], subset=p["subset"],
-                       seed=0, augment=augment)
+                       seed=0, augment=augment, precision=training_precision(device))
 
 
 def _new_student(name: str, num_classes: int, seed: int) -> nn.Module:
@@ -200,7 +201,7 @@ def scratch_student(data, student: str, cfg: TrainConfig, *, eval_size: int = 10
 def distill_student(teacher, data, params: dict, *, device: str = "cpu", progress: ProgressFn = None,
                     eval_size: int = 1000, augment: bool = KD_AUGMENT) -> tuple[nn.Module, list, int]:
     """Train a KD student (validated params); returns (model on CPU, history, logits computed now)."""
-    cfg = _train_config(params, augment)
+    cfg = _train_config(params, augment, device)
     logits, computed = teacher_logits(teacher, data, training_indices(data, cfg), device, progress)
     logits = logits.to(device)
     t, a = params["temperature"], params["alpha"]
@@ -220,7 +221,8 @@ def apply(ctx: Context) -> TechniqueOutput:
     model, history, computed = distill_student(ctx.teacher, data, p, device=ctx.device,
                                                progress=ctx.progress, eval_size=ctx.eval_size)
     _, scratch, scratch_history, scratch_cached = scratch_student(
-        data, p["student"], _train_config(p), eval_size=ctx.eval_size, device=ctx.device, progress=ctx.progress)
+        data, p["student"], _train_config(p, device=ctx.device), eval_size=ctx.eval_size, device=ctx.device,
+        progress=ctx.progress)
     teacher_params = sum(q.numel() for q in ctx.teacher.model.parameters())
     notes = []
     if scratch_cached:
@@ -258,5 +260,5 @@ SPEC = register(TechniqueSpec(
     ],
     apply=apply,
     load=_load,
-    version=2,   # 2: KD student inputs no longer augmented
+    version=3,   # 2: KD student inputs no longer augmented; 3: students train in bf16 where supported
 ))

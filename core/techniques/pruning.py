@@ -21,7 +21,7 @@ from .. import metrics
 from ..errors import InvalidParameter, LabError
 from ..models import build_model
 from ..progress import emit
-from ..training import TrainConfig, fit
+from ..training import TrainConfig, fit, training_precision
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
 
@@ -76,7 +76,8 @@ def _plain_state(model: nn.Module) -> dict:
 def _finetune(model: nn.Module, ctx: Context, p: dict) -> list[dict]:
     if p["finetune_epochs"] <= 0:
         return []
-    cfg = TrainConfig(epochs=p["finetune_epochs"], subset=p["finetune_subset"], lr=p["finetune_lr"])
+    cfg = TrainConfig(epochs=p["finetune_epochs"], subset=p["finetune_subset"], lr=p["finetune_lr"],
+                      precision=training_precision(ctx.device))
     history = fit(model, ctx.data, cfg, device=ctx.device, progress=ctx.progress, stage="finetune",
                   eval_size=ctx.eval_size)
     return history
@@ -300,4 +301,5 @@ SPEC = register(TechniqueSpec(
              "(structured, a genuinely smaller and faster model) or single weights (unstructured, "
              "zeros that only shrink the file once it is compressed or stored sparsely). "
              "A short fine-tuning afterwards wins back most of the lost accuracy."),
-    params=PARAMS, apply=apply, load=load, check=check, version=1))
+    params=PARAMS, apply=apply, load=load, check=check,
+    version=2))   # 2: fine-tuning in bf16 where the hardware runs it (1.2-1.3x faster steps)
