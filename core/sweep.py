@@ -6,6 +6,7 @@ cells from the cache and only computes what is missing.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def report_markdown(frame, max_drop: float = 0.01) -> str:
              "runs meeting the criterion (1.0× where none does).", ""]
     if not len(frame):
         return "\n".join(lines)
+    lines += _noise_lines(frame)
     best = best_per_dataset(frame, max_drop)
     lines += ["## Best technique per dataset", "",
               "| dataset | best technique | score | every technique's score | smallest qualifying run |",
@@ -144,13 +146,37 @@ def _distillation_lines(frame) -> list[str]:
         return []
     lines = ["## Distillation: what the teacher adds", "",
              "The KD student against the same student trained from scratch with the same budget.", "",
-             "| dataset | teacher | setting | teacher acc | KD student | from scratch | KD − scratch (pts) |",
-             "|---|---|---|---|---|---|---|"]
+             "| dataset | teacher | setting | teacher acc | KD student | from scratch | KD − scratch (pts) "
+             "| 1 s.e. of the difference (pts, unpaired: an upper bound) |",
+             "|---|---|---|---|---|---|---|---|"]
     for _, r in kd.sort_values(["dataset", "model"]).iterrows():
         gain = (r["compressed_accuracy"] - r["scratch_accuracy"]) * 100
+        se = math.hypot(_se(r["compressed_accuracy"], r.get("eval_images")),
+                        _se(r["scratch_accuracy"], r.get("eval_images")))
         lines.append(f"| {r['dataset']} | {r['model']} | {r['setting']} | {r['baseline_accuracy']:.3f} | "
-                     f"{r['compressed_accuracy']:.3f} | {r['scratch_accuracy']:.3f} | {gain:+.1f} |")
+                     f"{r['compressed_accuracy']:.3f} | {r['scratch_accuracy']:.3f} | {gain:+.1f} | {_x(se)} |")
     return lines + [""]
+
+
+def _se(accuracy: float, images) -> float:
+    """Standard error of an accuracy on `images` test images, in points (nan when unknown)."""
+    if not images or images != images:
+        return float("nan")
+    return 100 * math.sqrt(accuracy * (1 - accuracy) / images)
+
+
+def _noise_lines(frame) -> list[str]:
+    # a 1,000-image evaluation cannot separate runs a point apart; say so next to the numbers
+    if "eval_images" not in frame:
+        return []
+    out = []
+    for ds, g in frame.groupby("dataset"):
+        n = int(g["eval_images"].min())
+        out.append(f"- {ds}: {n:,} test images per run; one standard error of an accuracy near the teachers' "
+                   f"{g['baseline_accuracy'].median():.0%} is {_se(g['baseline_accuracy'].median(), n):.1f} "
+                   f"points, so differences under about twice that can be noise (`--eval-size 0` scores "
+                   f"the whole test split).")
+    return out + [""]
 
 
 def _x(v) -> str:

@@ -72,7 +72,7 @@ def test_compress_cli_json_shape(teacher, capsys):
 def test_report_shows_every_score_and_what_distillation_adds():
     import pandas as pd
     row = {"dataset": "d", "model": "m", "baseline_accuracy": 0.9, "latency_speedup_b1": 1.0, "macs_ratio": 1.0,
-           "compressed_threads": 2}
+           "compressed_threads": 2, "eval_images": 1000}
     frame = pd.DataFrame([
         dict(row, technique="quantize", setting="q", accuracy_drop=0.005, size_ratio=4.0, compressed_size_bytes=25,
              compressed_accuracy=0.895, scratch_accuracy=float("nan")),
@@ -82,4 +82,6 @@ def test_report_shows_every_score_and_what_distillation_adds():
     text = report_markdown(frame, max_drop=0.01)
     assert "quantize 4.00×, distill 1.00×" in text
     kd_line = next(line for line in text.splitlines() if line.startswith("| d | m | kd |"))
-    assert kd_line.endswith("| 0.800 | 0.750 | +5.0 |")
+    # s.e. of 0.80 and 0.75 on 1,000 images: 1.265 and 1.369 points; of their difference 1.86
+    assert kd_line.endswith("| 0.800 | 0.750 | +5.0 | 1.86 |")
+    assert "- d: 1,000 test images per run; one standard error of an accuracy near the teachers' 90% is 0.9 points" in text
