@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.datasets import load_dataset  # noqa: E402
 from core.runner import ExperimentConfig, load_compressed, run_experiment  # noqa: E402
+from core.settings import default_device  # noqa: E402
 from core.techniques.distillation import _train_config, scratch_student  # noqa: E402
 from core.training import predict_logits  # noqa: E402
 
@@ -50,7 +51,10 @@ def main() -> None:
         t0 = time.perf_counter()
         r = run_experiment(ExperimentConfig(data.name, teacher, "distill", dict(params), eval_size=args.eval_size))
         kd = load_compressed(r)
-        scratch, _, _, _ = scratch_student(data, args.student, _train_config(r.params), eval_size=args.eval_size)
+        # the twin the experiment compared against: same budget, same device and precision
+        device = default_device()
+        scratch, _, _, _ = scratch_student(data, args.student, _train_config(r.params, device=device),
+                                           eval_size=args.eval_size, device=device)
         kd_right = predict_logits(kd, data, x).argmax(1) == y
         scratch_right = predict_logits(scratch, data, x).argmax(1) == y
         print(json.dumps({"dataset": data.name, "teacher": teacher, "teacher_accuracy": r.baseline["accuracy"],

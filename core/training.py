@@ -81,8 +81,8 @@ def bf16_training_supported(device: str) -> bool:
 
 
 def training_precision(device: str) -> str:
-    """"bf16" where the hardware runs bfloat16 autocast natively, else "fp32": the teacher recipe's
-    choice, also used for fine-tuning after pruning and for distillation students."""
+    """The teacher recipe's precision, also used for fine-tuning after pruning and for distillation
+    students: "bf16" where the hardware runs bfloat16 autocast natively, else "fp32"."""
     return "bf16" if bf16_training_supported(torch.device(device).type) else "fp32"
 
 
