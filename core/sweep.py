@@ -171,9 +171,9 @@ def _noise_lines(frame) -> list[str]:
         return []
     out = []
     for ds, g in frame.groupby("dataset"):
-        n = int(g["eval_images"].min())
+        n, acc = int(g["eval_images"].min()), g["baseline_accuracy"].median()
         out.append(f"- {ds}: {n:,} test images per run; one standard error of an accuracy near the teachers' "
-                   f"{g['baseline_accuracy'].median():.0%} is {_se(g['baseline_accuracy'].median(), n):.1f} "
+                   f"{acc:.0%} is {_se(acc, n):.1f} "
                    f"points, so differences under about twice that can be noise (`--eval-size 0` scores "
                    f"the whole test split).")
     return out + [""]
