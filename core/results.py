@@ -15,7 +15,7 @@ from pathlib import Path
 from . import settings
 
 METRIC_KEYS = ["accuracy", "size_bytes", "gzip_bytes", "params", "nonzero_params", "macs",
-               "latency_ms_b1", "latency_p95_ms_b1", "latency_ms_b64", "latency_p95_ms_b64", "threads"]
+               "latency_ms_b1", "latency_p95_ms_b1", "latency_ms_b64", "latency_p95_ms_b64", "threads", "threads_b1"]
 
 
 @dataclass
@@ -153,6 +153,8 @@ def results_frame(results: list[ExperimentResult]):
         for side in ("baseline", "compressed"):
             for k in METRIC_KEYS:
                 row[f"{side}_{k}"] = getattr(r, side).get(k)
+            # rows stored before batch 1 had its own thread count timed it with all of them
+            row[f"{side}_threads_b1"] = getattr(r, side).get("threads_b1", getattr(r, side).get("threads"))
         row["accuracy_drop"] = (row["baseline_accuracy"] or 0) - (row["compressed_accuracy"] or 0)
         row["size_ratio"] = _ratio(row["baseline_size_bytes"], row["compressed_size_bytes"])
         row["latency_speedup_b1"] = _ratio(row["baseline_latency_ms_b1"], row["compressed_latency_ms_b1"])

@@ -103,11 +103,16 @@ def write_report(results: list[ExperimentResult], out_dir: Path, max_drop: float
     return csv_path, md_path
 
 
+def _first(frame, column: str):
+    return frame[column].iloc[0] if len(frame) and column in frame else "?"
+
+
 def report_markdown(frame, max_drop: float = 0.01) -> str:
     """The report for a results frame (results_frame's columns): best technique, distillation, every run."""
     lines = ["# Compression sweep", "",
              f"{len(frame)} runs. Accuracy on each dataset's fixed evaluation subset; latency on the CPU "
-             f"({frame['compressed_threads'].iloc[0] if len(frame) else '?'} threads).", "",
+             f"(batch 1 on {_first(frame, 'compressed_threads_b1')} thread(s), batch 64 on "
+             f"{_first(frame, 'compressed_threads')}).", "",
              f"**Criterion**: the smallest model within {max_drop * 100:.1f} accuracy points of its teacher. "
              "A technique's score is the geometric mean, over teachers, of its best size reduction among "
              "runs meeting the criterion (1.0× where none does).", ""]

@@ -69,6 +69,20 @@ def test_latency_reports_median_p95_and_threads():
     assert 0 < lat.median_ms <= lat.p95_ms <= max(lat.times_ms)
 
 
+def test_batch1_is_timed_on_one_thread_and_batch64_on_all():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lat = metrics.latency_pair(Tiny(), repeats_b1=3, repeats_b64=2)
+        assert lat["threads_b1"] == 1 and lat["threads"] == 2
+        a, b, _ = metrics.compare_latency(Tiny(), Tiny(), batch_size=1, rounds=2)
+        assert a.threads == b.threads == 1
+        assert metrics.compare_latency(Tiny(), Tiny(), batch_size=64, rounds=2)[0].threads == 2
+        assert torch.get_num_threads() == 2        # timing restores the caller's thread count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_interleaved_comparison_sees_a_bigger_model_as_slower():
     small = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     large = nn.Sequential(nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Conv2d(128, 128, 3))

@@ -2,6 +2,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from core.cli import main
 from core.results import ResultStore
@@ -67,12 +68,14 @@ def test_compress_cli_json_shape(teacher, capsys):
     assert keys <= set(out["baseline"]) and keys <= set(out["compressed"])
     assert out["params"]["bits"] == 6 and out["eval_images"] == 200 and 0 <= out["compressed"]["accuracy"] <= 1
     assert out["compressed"]["size_bytes"] < out["baseline"]["size_bytes"] / 4
+    for side in ("baseline", "compressed"):   # batch 1 timed on one thread, side by side
+        assert out[side]["threads_b1"] == 1 and out[side]["threads"] == torch.get_num_threads()
 
 
 def test_report_shows_every_score_and_what_distillation_adds():
     import pandas as pd
     row = {"dataset": "d", "model": "m", "baseline_accuracy": 0.9, "latency_speedup_b1": 1.0, "macs_ratio": 1.0,
-           "compressed_threads": 2, "eval_images": 1000}
+           "compressed_threads": 2, "compressed_threads_b1": 1, "eval_images": 1000}
     frame = pd.DataFrame([
         dict(row, technique="quantize", setting="q", accuracy_drop=0.005, size_ratio=4.0, compressed_size_bytes=25,
              compressed_accuracy=0.895, scratch_accuracy=float("nan")),
@@ -81,6 +84,7 @@ def test_report_shows_every_score_and_what_distillation_adds():
     ])
     text = report_markdown(frame, max_drop=0.01)
     assert "quantize 4.00×, distill 1.00×" in text
+    assert "(batch 1 on 1 thread(s), batch 64 on 2)" in text
     kd_line = next(line for line in text.splitlines() if line.startswith("| d | m | kd |"))
     # s.e. of 0.80 and 0.75 on 1,000 images: 1.265 and 1.369 points; of their difference 1.86
     assert kd_line.endswith("| 0.800 | 0.750 | +5.0 | 1.86 |")

@@ -76,7 +76,8 @@ def print_result(r) -> None:
     print(f"  {'':<12}" + "".join(f"{name:>16}" for name, _ in sides))
     for label, key, fmt in rows:
         print(f"  {label:<12}" + "".join(f"{fmt(s[key]) if s.get(key) is not None else '-':>16}" for _, s in sides))
-    print(f"  latency measured on the CPU with {c.get('threads')} threads, runtime {r.runtime}")
+    print(f"  latency measured on the CPU, runtime {r.runtime}: batch 1 on "
+          f"{c.get('threads_b1', c.get('threads'))} thread(s), batch 64 on {c.get('threads')}")
     for note in r.notes:
         print(f"  note: {note}")
     print(f"  compressed model: {r.model_path}")

@@ -308,5 +308,5 @@ SPEC = register(TechniqueSpec(
     apply=apply,
     load=load,
     check=_normalise,
-    version=1,
+    version=2,   # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms)
 ))
