@@ -168,14 +168,14 @@ def measure_latency(model, batch_size: int = 1, repeats: int = 20, warmup: int =
     return Latency(batch_size, statistics.median(times), _p95(times), threads, repeats, runtime, times)
 
 
-BLOCK_MS = 25.0
+BLOCK_MS = 20.0
 
 
 def _calls_per_block(warmup_ms: list[float]) -> int:
-    """Back-to-back calls that take about BLOCK_MS (4 to 50), from the warm-up timings."""
+    """Back-to-back calls that take about BLOCK_MS (2 to 50), from the warm-up timings."""
     if not warmup_ms:
         return 4
-    return int(min(50, max(4, math.ceil(BLOCK_MS / max(min(warmup_ms), 1e-3)))))
+    return int(min(50, max(2, math.ceil(BLOCK_MS / max(min(warmup_ms), 1e-3)))))
 
 
 def compare_latency(model_a, model_b, batch_size: int = 1, rounds: int = 20, warmup: int = 3,
@@ -183,7 +183,7 @@ def compare_latency(model_a, model_b, batch_size: int = 1, rounds: int = 20, war
                     block: int | None = None) -> tuple[Latency, Latency, float]:
     """Time two models interleaved by rounds (A, B, A, B, ...) so drift hits both; returns (a, b, a/b speedup).
 
-    At batch 1 each round runs a model back to back for about BLOCK_MS (at least 4 calls, `block`
+    At batch 1 each round runs a model back to back for about BLOCK_MS (at least 2 calls, `block`
     if given) after one untimed call, and records the mean: the model is timed warm, as it runs
     when deployed. Single calls alternating between two models evict each other's weights and
     state from the caches (an int8 ResNet-34's 21 MB fit this CPU's 32 MB L3, its fp32 twin's 85 MB

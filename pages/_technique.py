@@ -96,6 +96,9 @@ def show_result(result, spec, teacher) -> None:
     sh.metric_row(result.baseline, result.compressed)
     for note in result.notes or []:
         st.warning(note, icon=":material/sticky_note_2:")
+    deployed = views.deployed_latency_line(result.baseline, result.compressed)
+    if deployed:
+        st.info(deployed, icon=":material/rocket_launch:")
     if result.scratch:
         acc = result.scratch.get("accuracy")
         diff = result.compressed.get("accuracy", math.nan) - (acc if acc is not None else math.nan)

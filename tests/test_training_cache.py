@@ -173,7 +173,8 @@ def test_recipe_per_dataset_and_model_and_stable_keys(shapes):
 
 def test_real_data_recipe_gives_small_sets_enough_steps(shapes):
     import dataclasses
-    from core.training import MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, recipe_for
+    from core.training import (LARGE_SET, LARGE_SET_BATCH, LARGE_SET_LR, MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS,
+                               recipe_for)
     big = dataclasses.replace(shapes, generated=False, train_x=shapes.train_x.repeat(5, 1, 1, 1),
                               train_y=shapes.train_y.repeat(5), mean=shapes.mean, std=shapes.std)
     small = dataclasses.replace(shapes, generated=False, train_x=shapes.train_x[:7200],
@@ -181,6 +182,9 @@ def test_real_data_recipe_gives_small_sets_enough_steps(shapes):
     tiny = dataclasses.replace(small, train_x=shapes.train_x[:300], train_y=shapes.train_y[:300])
     r_big, r_small, r_tiny = (recipe_for(d, "resnet34") for d in (big, small, tiny))
     assert r_big.epochs == TrainConfig().epochs                 # 50,000 images: 8 epochs are 3,128 steps
+    # ...of batch 128; large sets train at batch 256 (more images/s on a CPU), small ones need the steps
+    assert (r_big.batch_size, r_big.lr) == (LARGE_SET_BATCH, LARGE_SET_LR) and len(big.train_y) >= LARGE_SET
+    assert r_small.batch_size == r_tiny.batch_size == TrainConfig().batch_size
     steps = lambda r, d: r.epochs * -(-len(d.train_y) // r.batch_size)
     assert r_small.epochs > r_big.epochs and steps(r_small, small) >= MIN_DEFAULT_STEPS
     assert r_tiny.epochs == MAX_DEFAULT_EPOCHS

@@ -78,6 +78,10 @@ def print_result(r) -> None:
         print(f"  {label:<12}" + "".join(f"{fmt(s[key]) if s.get(key) is not None else '-':>16}" for _, s in sides))
     print(f"  latency measured on the CPU, runtime {r.runtime}: batch 1 on "
           f"{c.get('threads_b1', c.get('threads'))} thread(s), batch 64 on {c.get('threads')}")
+    from .. import views
+    deployed = views.deployed_latency_line(b, c)
+    if deployed:
+        print(f"  {deployed}")
     for note in r.notes:
         print(f"  note: {note}")
     print(f"  compressed model: {r.model_path}")

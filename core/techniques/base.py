@@ -93,6 +93,7 @@ class TechniqueOutput:
     nonzero_params: Optional[int] = None
     runtime: str = "pytorch-eager"            # where latency was measured
     baseline_model: Optional[nn.Module] = None  # a baseline timed in the same runtime, if not the teacher
+    time_deployed: bool = False                 # also time both in ONNX Runtime fp32 (runner.deployed_latency)
     extra: dict = field(default_factory=dict)   # technique-specific numbers (sparse bytes, bits...)
     history: list = field(default_factory=list)  # per-epoch rows when training happened
     scratch: Optional[dict] = None               # distillation: the from-scratch student's metrics
