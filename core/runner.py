@@ -107,8 +107,8 @@ def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dic
     logits = _predict(model, data, x, out.eval_device, out.input_dtype)
     base = out.baseline_model if out.baseline_model is not None else baseline_model
     lat = {}
-    # 6 interleaved batch-1 rounds (each the mean of 4 warm calls) + 3 of batch 64: a stable
-    # median, and the slider stays near 2-3 s
+    # 6 interleaved batch-1 rounds (each the mean of ~20 ms of warm calls) + 3 of batch 64: a
+    # stable median at a few seconds per slider step
     for bs, rounds, key in ((1, 6, "b1"), (64, 3, "b64")):
         xc = metrics.latency_input(bs).to(out.input_dtype)
         if base is not None:

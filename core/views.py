@@ -98,7 +98,6 @@ def metric_cards(baseline: dict, compressed: dict) -> list[dict]:
     return cards
 
 
-# ----------------------------------------------------------------------------- training curves
 def deployed_latency_line(baseline: dict, compressed: dict) -> str | None:
     """One sentence setting the eager speed-up beside ONNX Runtime's, when the result has both."""
     d = (compressed.get("extra") or {}).get("deployed")
@@ -115,6 +114,7 @@ def deployed_latency_line(baseline: dict, compressed: dict) -> str | None:
             f"Deployed in ONNX Runtime (fp32): batch 64 {d['speedup_b64']:.2f}× faster, batch 1 {d['speedup_b1']:.2f}×.")
 
 
+# ----------------------------------------------------------------------------- training curves
 def history_frame(series: dict[str, list[dict]], metrics=("val_accuracy", "train_accuracy")) -> pd.DataFrame:
     """Per-epoch history rows per series (e.g. "distill", "scratch") as one long table for charts."""
     rows = []

@@ -278,6 +278,17 @@ def test_metric_cards_say_smaller_faster_and_points():
     assert cards["Latency (batch 1, CPU)"]["delta"] == "about the same"   # 2.5% is timing noise
 
 
+def test_deployed_latency_line_sets_onnx_runtime_beside_eager():
+    base = {"macs": 75.0e6, "latency_ms_b64": 60.0}
+    deployed = {"runtime": "onnxruntime-cpu", "baseline_ms_b64": 47.0, "compressed_ms_b64": 12.5,
+                "speedup_b64": 3.76, "speedup_b1": 6.2}
+    line = views.deployed_latency_line(base, {"macs": 19.4e6, "latency_ms_b64": 25.0, "extra": {"deployed": deployed}})
+    assert "3.76× faster (eager PyTorch: 2.40×; MACs 3.87× fewer)" in line and "batch 1 6.20×" in line
+    assert views.deployed_latency_line(base, {"macs": 1, "extra": {}}) is None     # not timed: nothing to say
+    failed = {"extra": {"deployed": {"runtime": "onnxruntime-cpu", "error": "UnsupportedOperatorError: x"}}}
+    assert "could not be exported (UnsupportedOperatorError" in views.deployed_latency_line(base, failed)
+
+
 def test_best_per_dataset_respects_the_minimum_compression():
     df = pd.DataFrame({"dataset": ["a", "a", "b"], "technique": ["prune", "quantize", "distill"],
                        "setting": ["p", "q", "d"], "compressed_accuracy": [0.9, 0.8, 0.7],
