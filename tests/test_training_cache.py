@@ -185,6 +185,7 @@ def test_real_data_recipe_gives_small_sets_enough_steps(shapes):
     # ...of batch 128; large sets train at batch 256 (more images/s on a CPU), small ones need the steps
     assert (r_big.batch_size, r_big.lr) == (LARGE_SET_BATCH, LARGE_SET_LR) and len(big.train_y) >= LARGE_SET
     assert r_small.batch_size == r_tiny.batch_size == TrainConfig().batch_size
+    assert recipe_for(big, "vgg16_bn").batch_size == TrainConfig().batch_size   # measured worse at 256
     steps = lambda r, d: r.epochs * -(-len(d.train_y) // r.batch_size)
     assert r_small.epochs > r_big.epochs and steps(r_small, small) >= MIN_DEFAULT_STEPS
     assert r_tiny.epochs == MAX_DEFAULT_EPOCHS
