@@ -217,7 +217,8 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
     base = given or recipe_for(data, device=device)   # per model below when not given (VGG clips its gradients)
     thread_info = configure_threads(threads)
     t_start = time.perf_counter()
-    steps = max(1, math.ceil(len(training_indices(data, base)) / base.batch_size))
+    def steps_per_epoch(train: TrainConfig) -> int:   # per model: the recipe's batch differs by model
+        return max(1, math.ceil(len(training_indices(data, train)) / train.batch_size))
 
     def settings_for(model, n_epochs):
         return TeacherSettings(model, dataclasses.replace(given or recipe_for(data, model, device), epochs=n_epochs))
@@ -248,7 +249,8 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
     for m in models:
         s = settings_for(m, plan[m])
         found = find_teacher(data, s)
-        jobs.append({"model": m, "epochs": plan[m], "steps": steps, "settings": s, "cached": found is not None,
+        jobs.append({"model": m, "epochs": plan[m], "steps": steps_per_epoch(s.train), "settings": s,
+                     "cached": found is not None,
                      "teacher": found})
     todo = [j for j in jobs if not j["cached"]]
     for j in todo:  # estimates make the ETA meaningful before the first epoch ends

@@ -98,13 +98,15 @@ def default_epochs(n_train: int, batch_size: int) -> int:
     return min(MAX_DEFAULT_EPOCHS, max(TrainConfig.epochs, math.ceil(MIN_DEFAULT_STEPS / steps_per_epoch)))
 
 
-# Sets this large train at batch 256 and peak lr 0.2: 1.25x the images/s of batch 128 on the 2-core
-# CPU, so ResNet-34 got 19 epochs instead of 15 in 30 minutes on CIFAR-10 and reached 82.86% instead
-# of 81.70% (docs/teachers.md). Smaller sets keep batch 128: they are short of steps, not of passes.
-# VGG keeps it too: 256 bought it only 1.18x the images/s, the same 5 epochs in 45 minutes with half
-# the steps, and 74.32% instead of 79.32%.
+# On sets this large ResNet-34 trains at batch 256 and peak lr 0.2: 1.25x the images/s of batch 128
+# on the 2-core CPU, so it got 19 epochs instead of 15 in 30 minutes on CIFAR-10 and reached 82.86%
+# instead of 81.70% (docs/teachers.md). Only where measured to pay: VGG16-BN gained 1.18x images/s,
+# kept 5 epochs in 45 minutes with half the steps and fell to 74.32% (from 79.32%); ResNet-50 timed
+# 0.99-1.23x, DenseNet-121 1.3-1.7x, neither trained at 256 yet. Smaller sets keep batch 128: they
+# are short of steps, not of passes.
 LARGE_SET = 20_000
 LARGE_SET_BATCH, LARGE_SET_LR = 256, 0.2
+LARGE_SET_MODELS = ("resnet34",)
 
 
 def recipe_for(data: DataBundle, model: str | None = None, device: str | None = None) -> TrainConfig:
@@ -114,8 +116,8 @@ def recipe_for(data: DataBundle, model: str | None = None, device: str | None = 
     idle cores; batch 128 reached 85.0% in 141 s (docs/teachers.md).
     VGG (no residual paths, 4096-wide linear layers) went to NaN in its first epoch at peak lr 0.1
     and batch 64; clipping the gradient norm at 2 keeps it finite.
-    Real data: 8 epochs, or more for small sets (default_epochs); batch 256 for large sets (LARGE_SET),
-    except VGG.
+    Real data: 8 epochs, or more for small sets (default_epochs); ResNet-34 at batch 256 on large
+    sets (LARGE_SET).
     bfloat16 autocast where the hardware runs it natively: on this project's 2-core AVX-512 BF16 CPU
     a ResNet-34 step is 1.36x faster, a whole CIFAR-10 epoch 1.25x (VGG16-BN step 1.6x); docs/teachers.md.
     """
@@ -124,7 +126,7 @@ def recipe_for(data: DataBundle, model: str | None = None, device: str | None = 
         cfg = TrainConfig(epochs=5, batch_size=64, lr=0.1)
     else:
         cfg = TrainConfig(epochs=default_epochs(len(data.train_y), TrainConfig.batch_size))
-        if len(data.train_y) >= LARGE_SET and not (model or "").startswith("vgg"):
+        if len(data.train_y) >= LARGE_SET and model in LARGE_SET_MODELS:
             cfg = dataclasses.replace(cfg, batch_size=LARGE_SET_BATCH, lr=LARGE_SET_LR)
     cfg = dataclasses.replace(cfg, precision=training_precision(device or default_device()))
     if model and model.startswith("vgg"):

@@ -79,6 +79,17 @@ def test_prepare_resumes_without_retraining_finished_epochs(shapes, fresh_cache,
     assert third["teachers"][0]["cached"] and third["teachers"][0]["history"] == t["history"]
 
 
+def test_overall_progress_counts_each_models_own_batch_size(shapes, fresh_cache, keep_threads, monkeypatch):
+    import core.prepare as prep
+    batch = {"resnet34": 32, "resnet50": 64}   # the recipe's batch differs by model (ResNet-34: 256 on big sets)
+    monkeypatch.setattr(prep, "recipe_for", lambda data, model=None, device=None: TrainConfig(
+        epochs=1, subset=128, batch_size=batch.get(model, 128), lr=0.05))
+    seen = []
+    prepare(shapes, ["resnet34", "resnet50"], epochs=1, progress=seen.append, measure=False, threads=keep_threads)
+    overall = [e for e in seen if e.stage == "prepare" and e.kind == "batch"]
+    assert overall[-1].total == 128 // 32 + 128 // 64 == overall[-1].step
+
+
 def test_estimate_is_within_2x_of_a_measured_epoch(shapes):
     cfg = TrainConfig(epochs=3, subset=512, batch_size=64)
     est = estimate_epoch_seconds("resnet34", shapes, cfg, "cpu")

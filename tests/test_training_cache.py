@@ -186,6 +186,7 @@ def test_real_data_recipe_gives_small_sets_enough_steps(shapes):
     assert (r_big.batch_size, r_big.lr) == (LARGE_SET_BATCH, LARGE_SET_LR) and len(big.train_y) >= LARGE_SET
     assert r_small.batch_size == r_tiny.batch_size == TrainConfig().batch_size
     assert recipe_for(big, "vgg16_bn").batch_size == TrainConfig().batch_size   # measured worse at 256
+    assert recipe_for(big).batch_size == TrainConfig().batch_size                # no model: the plain recipe
     steps = lambda r, d: r.epochs * -(-len(d.train_y) // r.batch_size)
     assert r_small.epochs > r_big.epochs and steps(r_small, small) >= MIN_DEFAULT_STEPS
     assert r_tiny.epochs == MAX_DEFAULT_EPOCHS
