@@ -99,27 +99,20 @@ def _timer(fn, x, threads: int):
     return benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
 
 
-def _time_once(timer) -> float:
-    """Milliseconds for one call. `Timer.timeit(1)` runs the statement twice more as warm-up on
-    every call, which tripled the cost of each measurement; warm-up is done once, up front."""
+def _time_block(timer, calls: int) -> float:
+    """Milliseconds per call over `calls` back-to-back calls. `Timer.timeit(n)` runs the statement
+    twice more as warm-up on every call, which tripled the cost of each measurement; warm-up is done
+    once, up front."""
     once = getattr(timer, "_timeit", None)
     if once is None:   # a future torch without the private fast path: correct, just slower
-        return timer.timeit(1).median * 1000
-    from torch.utils.benchmark.utils.common import set_torch_threads
-    with set_torch_threads(timer._task_spec.num_threads):
-        return once(1) * 1000
-
-
-def _time_block(timer, calls: int) -> float:
-    """Milliseconds per call over `calls` back-to-back calls."""
-    if calls == 1:
-        return _time_once(timer)
-    once = getattr(timer, "_timeit", None)
-    if once is None:
         return timer.timeit(calls).median * 1000
     from torch.utils.benchmark.utils.common import set_torch_threads
     with set_torch_threads(timer._task_spec.num_threads):
         return once(calls) * 1000 / calls
+
+
+def _time_once(timer) -> float:
+    return _time_block(timer, 1)
 
 
 def _as_callable(model):
