@@ -218,6 +218,10 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] > 100
     assert any(e.stage == "calibrate" and e.kind == "batch" for e in events)
     file_bytes = len(quant_ort.tensor_to_bytes(out.state["onnx"]))
+    # exported as a running concatenation, ONNX Runtime dequantizes each convolution's output once (with
+    # torchvision's list-of-features blocks: once per later layer, 598 DequantizeLinear for 120 convs)
+    ops = _optimized_ops(quant_ort.tensor_to_bytes(out.state["onnx"]))
+    assert ops["QLinearConv"] == 120 and ops["DequantizeLinear"] <= 130
     # its batch norms (before ReLU: nothing folds them) are stored as scale and shift only
     assert out.extra["fp32_file_bytes"] / file_bytes >= 3.8
     x = shapes.test_x[:N_LOGITS]
@@ -230,6 +234,39 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     # the same session bytes come back from a weights_only round trip
     again = spec.load(_roundtrip(out.state), Context(teacher, shapes, spec.validate({"mode": "int8"})))
     assert torch.equal(predict_logits(again, shapes, x[:16]), logits[:16])
+
+
+def _optimized_ops(onnx_bytes: bytes) -> dict:
+    """Operator counts of the graph ONNX Runtime actually runs (after its graph optimizations)."""
+    import collections
+    import os
+    import tempfile
+    import onnx
+    with tempfile.TemporaryDirectory() as tmp:
+        so = quant_ort.session_options(1)
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_densenet_exports_as_a_running_concatenation_with_the_same_outputs():
+    import onnx
+    from core.models import build_model
+    torch.manual_seed(0)
+    model = build_model("densenet121", 10).eval()
+    for m in model.modules():   # trained-looking batch norms, so a wrong channel order would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    fp32 = quant_ort.export_onnx(model)
+    concats = [n for n in onnx.load_from_string(fp32).graph.node if n.op_type == "Concat"]
+    assert len(concats) == 58 and all(len(n.input) == 2 for n in concats)   # one per dense layer
+    x = torch.randn(4, 3, 32, 32)
+    out = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+    # the caller's model is untouched
+    assert type(model.features.denseblock1).__name__ == "_DenseBlock"
 
 
 def test_slim_batch_norms_computes_the_same_with_half_the_floats():

@@ -308,5 +308,7 @@ SPEC = register(TechniqueSpec(
     apply=apply,
     load=load,
     check=_normalise,
-    version=2,   # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms)
+    # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms);
+    # 3: DenseNets exported as a running concatenation (quant_ort._RunningConcatDenseBlock)
+    version=3,
 ))
