@@ -74,6 +74,7 @@ def _run(model, params, store):
     ({"act_bits": 1, "activations": True}, "act_bits"), ({"calibration_images": 8, "mode": "int8"},
                                                           "calibration_images"),
     ({"granularity": "per_row"}, "granularity"), ({"bitz": 4}, "bitz"),
+    ({"bn_correction": "maybe"}, "bn_correction"),
 ])
 def test_invalid_params_refused_naming_the_parameter(fresh_cache, params, name):
     cfg = ExperimentConfig(model="resnet34", technique="quantize", params=params, eval_size=EVAL)
@@ -143,6 +144,46 @@ def test_fewer_bits_worse_outputs_smaller_size_and_reload(r34, r34_logits, shape
     x = shapes.normalize(shapes.test_x[:16])
     with torch.inference_mode():
         assert torch.equal(reloaded(x), o.model(x))
+
+
+def test_bn_correction_gives_each_batch_norm_the_references_normalized_statistics():
+    from core.techniques import bn_correction
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU()).eval()
+    for bn in (ref[1], ref[4]):   # trained-looking statistics
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    model = copy.deepcopy(ref)
+    with torch.no_grad():   # a "rounding" that shifts and scales every channel
+        for conv in (model[0], model[3]):
+            conv.weight.mul_(1.5).add_(0.05 * torch.randn_like(conv.weight))
+            conv.bias.add_(0.3)
+    x = torch.randn(64, 3, 12, 12)
+
+    def normalized(m):   # each batch norm's output before its affine part, per channel
+        outs = {}
+        for i in (1, 4):
+            m[i].register_forward_hook(lambda mod, inp, out, i=i: outs.__setitem__(
+                i, (out - mod.bias[None, :, None, None]) / mod.weight[None, :, None, None]))
+        with torch.no_grad():
+            m(x)
+        return {i: (o.mean((0, 2, 3)), o.var((0, 2, 3))) for i, o in outs.items()}
+
+    before = normalized(copy.deepcopy(model))
+    assert bn_correction.correct_batch_norms(model, ref, x) == 2
+    got, want = normalized(model), normalized(ref)
+    for i in (1, 4):   # the second one matches only because the first was corrected before it ran
+        assert torch.allclose(got[i][0], want[i][0], atol=1e-4) and torch.allclose(got[i][1], want[i][1], rtol=1e-3)
+        assert not torch.allclose(before[i][0], want[i][0], atol=1e-2)
+
+
+def test_bn_correction_brings_low_bit_outputs_closer_to_the_teacher(r34, r34_logits, shapes, spec):
+    on, off = (_apply(spec, r34, shapes, {"mode": "fake", "bits": 3, "bn_correction": flag}) for flag in (True, False))
+    assert on.extra["corrected_batch_norms"] == 36 and off.extra["corrected_batch_norms"] == 0
+    err = {k: _rel_err(predict_logits(o.model, shapes, shapes.test_x[:N_LOGITS]), r34_logits)
+           for k, o in (("on", on), ("off", off))}
+    assert err["on"] < 0.8 * err["off"]
+    assert on.size_bytes == off.size_bytes   # the statistics replace the teacher's: no extra bytes
 
 
 def test_per_tensor_differs_from_per_channel(r34, shapes, spec, fake_outs):

@@ -1,6 +1,8 @@
 """`compress`: run one technique on the cached teacher and print before/after metrics."""
 from __future__ import annotations
 
+import argparse
+
 from ..runner import ExperimentConfig, run_experiment
 from ..techniques import get_technique
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
@@ -25,8 +27,8 @@ TECHNIQUES = ["prune", "quantize", "distill"]
 
 def _arg_options(spec) -> dict:
     """argparse options of one ParamSpec: its type and range, so bad values fail while parsing."""
-    if spec.kind == "bool":
-        return {"action": "store_true", "default": None}
+    if spec.kind == "bool":   # --flag / --no-flag: a default-on parameter can be switched off
+        return {"action": argparse.BooleanOptionalAction, "default": None}
     if spec.kind == "choice":
         return {"choices": list(spec.choices)}
     if spec.kind == "int":
