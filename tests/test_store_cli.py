@@ -94,6 +94,17 @@ def test_train_json_then_served_from_cache(capsys, fresh_cache):
     assert time.perf_counter() - t0 < 5
 
 
+def test_a_flag_two_techniques_share_is_one_flag_for_both():
+    import argparse
+    from core.cli import compress_cmd
+    parser = argparse.ArgumentParser()
+    compress_cmd.register(parser.add_subparsers())
+    for tech, flag, want in (("quantize", "--no-bn-correction", False), ("prune", "--bn-correction", True)):
+        args = parser.parse_args(["compress", "--technique", tech, flag])
+        assert compress_cmd.params_from_args(args) == {"bn_correction": want}
+    assert compress_cmd.params_from_args(parser.parse_args(["compress", "--technique", "prune"])) == {}
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--dataset", "imagenet"], "unknown dataset"),
     (["train", "--model", "resnet9000"], "unknown teacher"),
@@ -105,6 +116,7 @@ def test_train_json_then_served_from_cache(capsys, fresh_cache):
     (["compress", "--technique", "quantize", "--bits", "0"], "out of range"),
     (["compress", "--technique", "distill", "--temperature", "-1"], "out of range"),
     (["compress", "--technique", "quantize", "--ratio", "0.5"], "belongs to --technique prune"),
+    (["compress", "--technique", "distill", "--no-bn-correction"], "belongs to --technique prune"),
     (["compress", "--technique", "quantize", "--calibration-images", "-5"], "out of range"),  # flags from the registry
     (["compress", "--technique", "distill", "--batch-size", "x"], "not an integer"),
     (["compress", "--technique", "zip"], "invalid choice"),

@@ -13,10 +13,17 @@ def register(sub):
     add_data_args(p)
     p.add_argument("--model", default="resnet34", help="the teacher (its newest cached version; trained if none)")
     p.add_argument("--technique", required=True, choices=TECHNIQUES)
+    owners: dict[str, list[str]] = {}
+    for tech in TECHNIQUES:
+        for spec in get_technique(tech).params:
+            owners.setdefault(spec.name, []).append(tech)
     for tech in TECHNIQUES:   # one flag per technique parameter, straight from the registry
         g = p.add_argument_group(tech)
         for spec in get_technique(tech).params:
-            g.add_argument(f"--{spec.name.replace('_', '-')}", help=f"{spec.help} (default {spec.default})",
+            if owners[spec.name][0] != tech:
+                continue   # a parameter several techniques share is one flag, listed under the first
+            shared = f"; {', '.join(owners[spec.name])}" if len(owners[spec.name]) > 1 else ""
+            g.add_argument(f"--{spec.name.replace('_', '-')}", help=f"{spec.help} (default {spec.default}{shared})",
                            **_arg_options(spec))
     p.add_argument("--eval-size", type=int_range(0), default=1000, help="test images (0 = the full test set)")
     p.set_defaults(handler=run)
@@ -42,12 +49,13 @@ def params_from_args(args) -> dict:
     """Only the flags that belong to the technique and were given; a foreign flag is an error."""
     from ..errors import LabError
     params = {}
+    own = {spec.name for spec in get_technique(args.technique).params}
     for tech in TECHNIQUES:
         for n in (spec.name for spec in get_technique(tech).params):
             v = getattr(args, n, None)
             if v is None:
                 continue
-            if tech != args.technique:
+            if n not in own:
                 raise LabError(f"--{n.replace('_', '-')} belongs to --technique {tech}, not {args.technique}")
             params[n] = v
     return params

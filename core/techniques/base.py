@@ -123,3 +123,11 @@ class TechniqueSpec:
         if self.check:
             self.check(out)
         return out
+
+
+def calibration_images(data, n: int, seed: int = 7) -> torch.Tensor:
+    """n normalized training images (a fixed stratified subset), NCHW float32."""
+    from ..datasets import stratified_subset
+    n = min(int(n), len(data.train_y))
+    idx = stratified_subset(data.train_y, n, seed=seed)
+    return data.normalize(data.train_x[idx]).contiguous()

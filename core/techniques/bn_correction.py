@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
+IMAGES = 256   # one batch: the correction runs layer by layer in a single pass
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,20 @@ def batch_norm_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, tuple
     return stats
 
 
-def correct_batch_norms(model: nn.Module, reference: nn.Module, images: torch.Tensor) -> int:
+def correct_against_teacher(model: nn.Module, ctx, channels: dict[str, torch.Tensor] | None = None) -> int:
+    """`correct_batch_norms` against the context's teacher on IMAGES of its training images."""
+    import copy
+    from ..progress import emit
+    from .base import calibration_images
+    images = calibration_images(ctx.data, IMAGES)
+    emit(ctx.progress, stage="calibrate", kind="message",
+         message=f"correcting batch-norm statistics on {len(images)} training images")
+    reference = copy.deepcopy(ctx.teacher.model).cpu().float().eval()
+    return correct_batch_norms(model, reference, images, channels)
+
+
+def correct_batch_norms(model: nn.Module, reference: nn.Module, images: torch.Tensor,
+                        channels: dict[str, torch.Tensor] | None = None) -> int:
     """Shift `model`'s batch-norm statistics (in place) so each normalizes its input the way the same
     batch norm of `reference` (the unmodified model) normalizes the reference's input on `images`.
 
@@ -49,7 +63,8 @@ def correct_batch_norms(model: nn.Module, reference: nn.Module, images: torch.Te
     as the reference's: with s = sqrt(running_var + eps) and r = std_model / std_reference,
     s' = s·r and running_mean' = mean_model − (mean_reference − running_mean)·r. One pass over `images`
     as a single batch, each batch norm corrected before it runs, so the layers after it see the
-    corrected output. Returns how many batch norms were corrected.
+    corrected output. `channels` maps a batch norm's name to the reference channels it kept (structured
+    pruning); otherwise channel i is the reference's channel i. Returns how many were corrected.
     """
     ref = batch_norm_inputs(reference, images)
     done: set[str] = set()
@@ -59,6 +74,10 @@ def correct_batch_norms(model: nn.Module, reference: nn.Module, images: torch.Te
             return
         mean, var = _channel_stats(inp[0])
         ref_mean, ref_var = ref[name]
+        if channels is not None and name in channels:
+            ref_mean, ref_var = ref_mean[channels[name]], ref_var[channels[name]]
+        if ref_mean.shape != mean.shape:
+            return
         tiny = 1e-12   # a channel constant in both keeps its statistics
         r = torch.sqrt((var + tiny) / (ref_var + tiny))
         s = torch.sqrt(m.running_var.float() + m.eps) * r

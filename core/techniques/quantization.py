@@ -28,12 +28,11 @@ from ..progress import emit
 from ..training import bf16_training_supported
 from . import bn_correction, quant_fake, quant_ort
 from . import register
-from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
+from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, calibration_images
 
 MODES = ("fake", "int8", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-BN_CORRECTION_IMAGES = 256   # one batch: the correction runs layer by layer in a single pass
 PARAMS = [
     ParamSpec("mode", "choice", "fake", choices=MODES,
               help="fake: simulated low-bit weights (any bit width); int8: real int8 model run by "
@@ -44,7 +43,7 @@ PARAMS = [
               help="one symmetric weight scale per output channel, or one per layer (fake and int8)"),
     ParamSpec("bn_correction", "bool", True,
               help="fake mode: move each batch norm's statistics by as much as the rounded weights moved its "
-                   f"input, measured on {BN_CORRECTION_IMAGES} training images (4-bit ResNet-50 on CIFAR-10: "
+                   f"input, measured on {bn_correction.IMAGES} training images (4-bit ResNet-50 on CIFAR-10: "
                    "3.0 -> 0.5 points lost)"),
     ParamSpec("activations", "bool", False,
               help="fake mode: also fake-quantize layer inputs with act_bits, calibrated on training images"),
@@ -85,14 +84,6 @@ def _teacher_copy(ctx: Context) -> nn.Module:
     return copy.deepcopy(ctx.teacher.model).cpu().float().eval()
 
 
-def calibration_images(data, n: int, seed: int = 7) -> torch.Tensor:
-    """n normalized training images (a fixed stratified subset), NCHW float32."""
-    from ..datasets import stratified_subset
-    n = min(int(n), len(data.train_y))
-    idx = stratified_subset(data.train_y, n, seed=seed)
-    return data.normalize(data.train_x[idx]).contiguous()
-
-
 def _fp32_file_bytes(ctx: Context) -> int:
     path = getattr(ctx.teacher, "path", None)
     if path and os.path.exists(path):
@@ -131,10 +122,7 @@ def _apply_fake(ctx: Context, p: dict) -> TechniqueOutput:
     record = quant_fake.fake_quantize_weights(model, bits, per_channel)
     corrected = 0
     if p["bn_correction"]:
-        images = calibration_images(ctx.data, BN_CORRECTION_IMAGES)
-        emit(ctx.progress, stage="calibrate", kind="message",
-             message=f"correcting batch-norm statistics on {len(images)} training images")
-        corrected = bn_correction.correct_batch_norms(model, _teacher_copy(ctx), images)
+        corrected = bn_correction.correct_against_teacher(model, ctx)
     state = {"format": "fake-quant", "bits": bits, "per_channel": per_channel, "weights": record,
              "other": {k: v for k, v in model.state_dict().items()
                        if k not in {f"{n}.weight" for n in record["names"]}}}
