@@ -186,6 +186,17 @@ def test_bn_correction_brings_low_bit_outputs_closer_to_the_teacher(r34, r34_log
     assert on.size_bytes == off.size_bytes   # the statistics replace the teacher's: no extra bytes
 
 
+def test_bn_correction_measures_the_teacher_once_per_dataset(r34, shapes, spec, monkeypatch):
+    from core.techniques import bn_correction
+    monkeypatch.setattr(bn_correction, "_TEACHER_STATS", {})
+    calls = []
+    real = bn_correction.batch_norm_inputs
+    monkeypatch.setattr(bn_correction, "batch_norm_inputs", lambda m, x: calls.append(len(x)) or real(m, x))
+    outs = [_apply(spec, r34, shapes, {"mode": "fake", "bits": b}) for b in (5, 6)]
+    assert calls == [bn_correction.IMAGES]   # the second request reused the teacher's statistics
+    assert all(o.extra["corrected_batch_norms"] == 36 for o in outs)
+
+
 def test_per_tensor_differs_from_per_channel(r34, shapes, spec, fake_outs):
     pc = fake_outs[4]
     pt = _apply(spec, r34, shapes, {"mode": "fake", "bits": 4, "granularity": "per_tensor"})

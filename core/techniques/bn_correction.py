@@ -42,6 +42,11 @@ def batch_norm_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, tuple
     return stats
 
 
+# the teacher's side of the correction, by (teacher checksum, dataset): the next slider step reuses it
+# (VGG16-BN: a 2 s pass over the 256 images)
+_TEACHER_STATS: dict[tuple, dict] = {}
+
+
 def correct_against_teacher(model: nn.Module, ctx, channels: dict[str, torch.Tensor] | None = None) -> int:
     """`correct_batch_norms` against the context's teacher on IMAGES of its training images."""
     import copy
@@ -50,14 +55,22 @@ def correct_against_teacher(model: nn.Module, ctx, channels: dict[str, torch.Ten
     images = calibration_images(ctx.data, IMAGES)
     emit(ctx.progress, stage="calibrate", kind="message",
          message=f"correcting batch-norm statistics on {len(images)} training images")
-    reference = copy.deepcopy(ctx.teacher.model).cpu().float().eval()
-    return correct_batch_norms(model, reference, images, channels)
+    sha = ctx.teacher.meta.get("sha256")
+    key = (sha, getattr(ctx.data, "fingerprint", ctx.data.name), len(images))
+    ref = _TEACHER_STATS.get(key) if sha else None
+    if ref is None:
+        ref = batch_norm_inputs(copy.deepcopy(ctx.teacher.model).cpu().float().eval(), images)
+        if sha:
+            _TEACHER_STATS.clear()   # one teacher at a time: what a page of the app works with
+            _TEACHER_STATS[key] = ref
+    return correct_batch_norms(model, ref, images, channels)
 
 
-def correct_batch_norms(model: nn.Module, reference: nn.Module, images: torch.Tensor,
+def correct_batch_norms(model: nn.Module, reference: nn.Module | dict, images: torch.Tensor,
                         channels: dict[str, torch.Tensor] | None = None) -> int:
     """Shift `model`'s batch-norm statistics (in place) so each normalizes its input the way the same
-    batch norm of `reference` (the unmodified model) normalizes the reference's input on `images`.
+    batch norm of `reference` (the unmodified model, or its `batch_norm_inputs` on `images`)
+    normalizes the reference's input on `images`.
 
     The new statistics give the normalized input the same per-channel mean and variance over `images`
     as the reference's: with s = sqrt(running_var + eps) and r = std_model / std_reference,
@@ -66,7 +79,7 @@ def correct_batch_norms(model: nn.Module, reference: nn.Module, images: torch.Te
     corrected output. `channels` maps a batch norm's name to the reference channels it kept (structured
     pruning); otherwise channel i is the reference's channel i. Returns how many were corrected.
     """
-    ref = batch_norm_inputs(reference, images)
+    ref = reference if isinstance(reference, dict) else batch_norm_inputs(reference, images)
     done: set[str] = set()
 
     def hook(m, inp, name):
