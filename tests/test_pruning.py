@@ -117,16 +117,41 @@ def test_structured_densenet121_concatenations(make_teacher, shapes, spec):
     assert out.extra["corrected_batch_norms"] == len(bns) == 121
 
 
-def test_bn_correction_brings_unstructured_outputs_closer_to_the_teacher(make_teacher, shapes, spec):
+def _assert_normalized_like_the_teacher(model, teacher_model, shapes, kept=None) -> int:
+    """Each batch norm of `model` normalizes its input on the correction images to the per-channel mean
+    and variance the teacher's (kept) channels have; returns how many were checked."""
+    from core.techniques import bn_correction
+    from core.techniques.base import calibration_images
+    x = calibration_images(shapes, bn_correction.IMAGES)
+    got, want = (bn_correction.batch_norm_inputs(m, x) for m in (model, teacher_model))
+    t_mods, checked = dict(teacher_model.named_modules()), 0
+    for name, bn in model.named_modules():
+        if not isinstance(bn, torch.nn.BatchNorm2d):
+            continue
+        ref = t_mods[name]
+        idx = kept[name] if kept is not None else torch.arange(len(bn.running_mean))
+        z_got = (got[name][0] - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
+        z_want = ((want[name][0] - ref.running_mean) / (ref.running_var + ref.eps).sqrt())[idx]
+        assert torch.allclose(z_got, z_want, atol=1e-3), name
+        v_got = got[name][1] / (bn.running_var + bn.eps)
+        v_want = (want[name][1] / (ref.running_var + ref.eps))[idx]
+        assert torch.allclose(v_got, v_want, rtol=1e-2, atol=1e-4), name
+        checked += 1
+    return checked
+
+
+def test_bn_correction_after_unstructured_pruning(make_teacher, shapes, spec):
     teacher = make_teacher("resnet34")
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     ref = _logits(teacher.model, shapes, 128)
     outs = {flag: spec.apply(Context(teacher, shapes, spec.validate(
         {"method": "unstructured", "ratio": 0.7, "bn_correction": flag}), eval_size=EVAL)) for flag in (True, False)}
     assert outs[True].extra["corrected_batch_norms"] == 36 and outs[False].extra["corrected_batch_norms"] == 0
+    assert _assert_normalized_like_the_teacher(outs[True].model, teacher.model, shapes) == 36
+    # closer to the teacher's logits (on this 1-epoch teacher, measured 0.74-0.87 of the uncorrected error)
     err = {flag: float((_logits(o.model, shapes, 128) - ref).norm() / (ref - ref.mean(0)).norm())
            for flag, o in outs.items()}
-    assert err[True] < 0.8 * err[False]
+    assert err[True] < 0.95 * err[False]
     # the same weights were removed either way: only the statistics differ
     on, off = outs[True].model.state_dict(), outs[False].model.state_dict()
     assert all(torch.equal(on[k], off[k]) for k in on if not k.endswith(("running_mean", "running_var")))
@@ -135,30 +160,19 @@ def test_bn_correction_brings_unstructured_outputs_closer_to_the_teacher(make_te
 
 def test_bn_correction_after_structured_pruning_matches_each_kept_channel_to_the_teacher(
         make_teacher, shapes, spec, monkeypatch):
-    from core.techniques import bn_correction, pruning
-    from core.techniques.base import calibration_images
+    from core.techniques import pruning
     teacher = make_teacher("resnet34")
     kept = {}
     real = pruning._kept_channels_per_bn
     monkeypatch.setattr(pruning, "_kept_channels_per_bn", lambda m, saved: kept.update(real(m, saved)) or kept)
     out = spec.apply(Context(teacher, shapes, spec.validate({"ratio": 0.5}), eval_size=EVAL))
-    x = calibration_images(shapes, bn_correction.IMAGES)
-    got, want = (bn_correction.batch_norm_inputs(m, x) for m in (out.model, teacher.model))
-    t_mods, checked = dict(teacher.model.named_modules()), 0
+    t_mods = dict(teacher.model.named_modules())
     for name, bn in out.model.named_modules():
-        if not isinstance(bn, torch.nn.BatchNorm2d):
-            continue
-        ref, idx = t_mods[name], kept[name]
-        # the recovered channels are the ones kept (pruning copies the affine parameters unchanged)
-        assert torch.equal(bn.weight, ref.weight[idx]) and torch.equal(bn.bias, ref.bias[idx])
-        # and the corrected statistics normalize the pruned model's input as the teacher's kept channels were
-        z_got = (got[name][0] - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
-        z_want = ((want[name][0] - ref.running_mean) / (ref.running_var + ref.eps).sqrt())[idx]
-        assert torch.allclose(z_got, z_want, atol=1e-3), name
-        v_got = got[name][1] / (bn.running_var + bn.eps)
-        v_want = (want[name][1] / (ref.running_var + ref.eps))[idx]
-        assert torch.allclose(v_got, v_want, rtol=1e-2, atol=1e-4), name
-        checked += 1
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            # the recovered channels are the ones kept (pruning copies the affine parameters unchanged)
+            ref, idx = t_mods[name], kept[name]
+            assert torch.equal(bn.weight, ref.weight[idx]) and torch.equal(bn.bias, ref.bias[idx])
+    checked = _assert_normalized_like_the_teacher(out.model, teacher.model, shapes, kept)
     assert checked == len(kept) == out.extra["corrected_batch_norms"] == 36
 
 
