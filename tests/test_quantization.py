@@ -182,7 +182,7 @@ def test_bn_correction_brings_low_bit_outputs_closer_to_the_teacher(r34, r34_log
     assert on.extra["corrected_batch_norms"] == 36 and off.extra["corrected_batch_norms"] == 0
     err = {k: _rel_err(predict_logits(o.model, shapes, shapes.test_x[:N_LOGITS]), r34_logits)
            for k, o in (("on", on), ("off", off))}
-    assert err["on"] < 0.9 * err["off"]   # measured 0.58-0.72 over four sessions' 1-epoch teachers
+    assert err["on"] < 0.9 * err["off"]   # measured 0.58-0.72 over four pytest runs' 1-epoch teachers
     assert on.size_bytes == off.size_bytes   # the statistics replace the teacher's: no extra bytes
 
 
