@@ -26,13 +26,8 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dims), x.var(dims, unbiased=False)
 
 
-def batch_norm_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and variance of every batch norm's input over `images` (one eval pass)."""
-    stats: dict = {}
-
-    def hook(_m, inp, name):
-        stats.setdefault(name, _channel_stats(inp[0]))   # returns None: the input is left as it is
-
+def _run_with_batch_norm_hook(model: nn.Module, images: torch.Tensor, hook) -> None:
+    """One eval pass over `images` with hook(module, inputs, name) called before every batch norm runs."""
     handles = [m.register_forward_pre_hook(lambda m, inp, name=name: hook(m, inp, name))
                for name, m in model.named_modules() if isinstance(m, BatchNorm)]
     try:
@@ -41,6 +36,16 @@ def batch_norm_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, tuple
     finally:
         for h in handles:
             h.remove()
+
+
+def batch_norm_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and variance of every batch norm's input over `images` (one eval pass)."""
+    stats: dict = {}
+
+    def hook(_m, inp, name):
+        stats.setdefault(name, _channel_stats(inp[0]))   # returns None: the input is left as it is
+
+    _run_with_batch_norm_hook(model, images, hook)
     return stats
 
 
@@ -100,12 +105,5 @@ def correct_batch_norms(model: nn.Module, reference: nn.Module | dict, images: t
         m.running_var.copy_((s * s - m.eps).clamp_min(0))
         done.add(name)
 
-    handles = [m.register_forward_pre_hook(lambda m, inp, name=name: hook(m, inp, name))
-               for name, m in model.named_modules() if isinstance(m, BatchNorm)]
-    try:
-        with torch.inference_mode():
-            model.eval()(images)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_with_batch_norm_hook(model, images, hook)
     return len(done)
