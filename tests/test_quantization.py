@@ -19,6 +19,7 @@ from core.runner import ExperimentConfig, load_compressed, run_experiment
 from core.settings import cache_dir
 from core.techniques import Context, get_technique
 from core.techniques import quant_fake, quant_ort, quantization
+from core.techniques.base import calibration_images
 from core.training import TrainConfig, predict_logits
 
 # the make_teacher fixture's recipe, so run_experiment finds the very same cached teacher
@@ -240,7 +241,10 @@ def test_int8_resnet34_smaller_faithful_reloads(r34, r34_logits, shapes, store):
     r = _run("resnet34", {"mode": "int8", "calibration_images": 64}, store)
     assert r.runtime == "onnxruntime-cpu" and r.baseline["latency_runtime"] == "onnxruntime-cpu"
     extra = r.compressed["extra"]
-    assert extra["quantized"] and extra["int8_compute_ops"] == extra["compute_ops"] > 30
+    # "auto" keeps the stem convolution and the classifier in fp32, their weights stored as int8
+    assert extra["fp32_layers"] == "edges"
+    assert extra["quantized"] and extra["int8_compute_ops"] == extra["compute_ops"] - 2 > 30
+    assert extra["float_params_left"] < 0.01 * extra["int8_params"]
     assert r.baseline["size_bytes"] / r.compressed["size_bytes"] >= 3.8
     assert r.compressed["macs"] == r.baseline["macs"] and r.compressed["params"] == r.baseline["params"]
     assert r.compressed["latency_ms_b1"] > 0 and r.baseline["latency_ms_b1"] > 0
@@ -264,8 +268,8 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     events = []
     # min/max: this checks the conversion, on a 1-epoch teacher whose activations are not yet those of a
     # trained DenseNet (for which "auto" picks p99.5: 0.65 pt drop vs 13.8 with min/max, measured)
-    out = _apply(spec, teacher, shapes, {"mode": "int8", "calibration_images": 64, "calibration": "minmax"},
-                 progress=events.append)
+    out = _apply(spec, teacher, shapes, {"mode": "int8", "calibration_images": 64, "calibration": "minmax",
+                                         "fp32_layers": "none"}, progress=events.append)
     assert out.extra["quantized"] and not any("failed" in n or "could not" in n for n in out.notes)
     assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] > 100
     assert any(e.stage == "calibrate" and e.kind == "batch" for e in events)
@@ -286,6 +290,42 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     # the same session bytes come back from a weights_only round trip
     again = spec.load(_roundtrip(out.state), Context(teacher, shapes, spec.validate({"mode": "int8"})))
     assert torch.equal(predict_logits(again, shapes, x[:16]), logits[:16])
+
+
+def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
+    import onnx
+    dense = onnx.load_from_string(quant_ort.export_onnx(make_teacher("densenet121").model))
+    edges = quant_ort.fp32_nodes(dense, ("first", "classifier"))
+    assert len(edges) == 2 and "conv0" in edges[0] and "classifier" in edges[1]
+    # at 32x32 input denseblock4 works on 1x1 maps: its 16 layers' two convolutions each
+    tiny = quant_ort.fp32_nodes(dense, ("1x1",))
+    assert len(tiny) == 32 and all("denseblock4" in n for n in tiny)
+    assert quant_ort.fp32_nodes(dense, ()) == []
+    assert quantization.resolve_fp32_layers("auto", "densenet121") == "edges+1x1"
+    assert quantization.resolve_fp32_layers("auto", "resnet50") == "edges"
+
+
+def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
+    import onnx
+    fp32 = quant_ort.export_onnx(r34.model)
+    model = onnx.load_from_string(fp32)
+    layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert quant_ort.store_weights_int8(model, layers) == len(layers)
+    stored = model.SerializeToString()
+    assert len(fp32) / len(stored) >= 3.8
+    expanded = quant_ort.expand_stored_weights(stored)
+    assert b"DequantizeLinear" not in expanded and len(expanded) >= 0.95 * len(fp32)
+    xs = np.ascontiguousarray(shapes.normalize(shapes.test_x[:32]).float().numpy())
+    run = {k: ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, {"input": xs})[0]
+           for k, b in (("fp32", fp32), ("stored", stored), ("expanded", expanded))}
+    # the stored file runs as it is (ONNX Runtime dequantizes each time) and computes the same
+    assert np.allclose(run["stored"], run["expanded"], atol=1e-4)
+    # 8-bit weights: close to fp32, not equal to it
+    err = np.abs(run["expanded"] - run["fp32"]).max() / np.abs(run["fp32"]).max()
+    assert 0 < err < 0.05
+    # an int8 QDQ model's own weights are left to ONNX Runtime's int8 kernels
+    int8 = quant_ort.quantize_int8(fp32, calibration_images(shapes, 32))
+    assert quant_ort.expand_stored_weights(int8).count(b"DequantizeLinear") == int8.count(b"DequantizeLinear")
 
 
 def _optimized_ops(onnx_bytes: bytes) -> dict:

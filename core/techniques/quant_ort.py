@@ -36,6 +36,11 @@ STRIDED = {"minmax": {"CalibStridedMinMax": 1}}
 # fp32 between them. Quantizing DenseNet's concatenations forces one range on features of very
 # different scales (measured: 3x the logit error); the speed is the same.
 QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+# Layers that may be kept in fp32 (`keep_fp32` rules): "first" - the convolution reading the image;
+# "classifier" - the matrix op writing the logits; "1x1" - convolutions whose output maps are 1x1
+# (at 32x32 input: DenseNet-121's denseblock4, the ResNets' layer4). Their weights are still stored
+# as int8 (`store_weights_int8`) and expanded to fp32 when a session is made (`expand_stored_weights`).
+KEEP_FP32_RULES = ("first", "classifier", "1x1")
 
 
 def session_options(threads: int):
@@ -71,7 +76,7 @@ class OrtModule(nn.Module):
         with self._lock:
             sess = self._sessions.get(threads)
             if sess is None:
-                sess = ort.InferenceSession(self.onnx_bytes, session_options(threads),
+                sess = ort.InferenceSession(expand_stored_weights(self.onnx_bytes), session_options(threads),
                                             providers=["CPUExecutionProvider"])
                 self._sessions = {threads: sess}   # keep one: sessions hold the weights in memory
             return sess
@@ -236,13 +241,142 @@ class _QuietQuantizer(logging.Filter):
         return "onnxruntime" not in record.pathname.replace("\\", "/") or record.levelno >= logging.ERROR
 
 
+def fp32_nodes(onnx_model, rules) -> list[str]:
+    """Names of the matrix-op nodes that `rules` (a subset of KEEP_FP32_RULES) keep in fp32."""
+    from onnx import shape_inference
+    g = shape_inference.infer_shapes(onnx_model).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(g.value_info) + list(g.output)}
+    ops = [n for n in g.node if n.op_type in QUANTIZED_OPS]
+    inputs, outputs = {v.name for v in g.input}, {v.name for v in g.output}
+    keep = []
+    for n in ops:
+        shape = shapes.get(n.output[0], [])
+        if (("first" in rules and n.input[0] in inputs)
+                or ("classifier" in rules and n.output[0] in outputs)
+                or ("1x1" in rules and n.op_type == "Conv" and len(shape) == 4 and shape[2:] == [1, 1])):
+            keep.append(n.name)
+    return keep
+
+
+def _weight_axis(node) -> int | None:
+    """The output-channel axis of a Conv's or Gemm's weight (input 1), None for other layouts."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        attrs = {a.name: a.i for a in node.attribute}
+        return 0 if attrs.get("transB", 0) else 1
+    return None
+
+
+def store_weights_int8(model, node_names: set[str]) -> int:
+    """Store the fp32 weights of `node_names` as per-channel symmetric int8 + DequantizeLinear.
+
+    Layers kept in fp32 would otherwise keep their fp32 weights in the file (DenseNet-121's
+    denseblock4: 6 MB, file ratio 3.8x -> 2.0x). ONNX Runtime never constant-folds DequantizeLinear,
+    so `expand_stored_weights` does it before a session is made. Returns how many weights.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    new_nodes = []
+    for n in g.node:
+        axis = _weight_axis(n)
+        if (n.name not in node_names or axis is None or len(n.input) < 2 or n.input[1] not in inits
+                or uses[n.input[1]] != 1 or inits[n.input[1]].data_type != TensorProto.FLOAT):
+            continue
+        name = n.input[1]
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(1)
+        scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        inits[name].CopyFrom(numpy_helper.from_array(q, name))
+        g.initializer.extend([numpy_helper.from_array(scale, name + "_scale"),
+                              numpy_helper.from_array(np.zeros(len(scale), np.int8), name + "_zero")])
+        new_nodes.append(helper.make_node("DequantizeLinear", [name, name + "_scale", name + "_zero"],
+                                          [name + "_fp32"], axis=axis))
+        n.input[1] = name + "_fp32"
+    if new_nodes:
+        nodes = new_nodes + list(g.node)
+        del g.node[:]
+        g.node.extend(nodes)
+    return len(new_nodes)
+
+
+def expand_stored_weights(onnx_bytes: bytes) -> bytes:
+    """Fold each DequantizeLinear of a constant int8 weight whose layer reads a float activation
+    (written by `store_weights_int8`) into an fp32 initializer. Weights of int8 layers (their
+    activation comes from a DequantizeLinear too) are left to ONNX Runtime's int8 kernels."""
+    import onnx
+    from onnx import numpy_helper
+    if b"DequantizeLinear" not in onnx_bytes:
+        return onnx_bytes
+    model = onnx.load_from_string(onnx_bytes)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    graph_inputs = {v.name for v in g.input}
+    fold = []
+    for n in g.node:
+        if (n.op_type != "DequantizeLinear" or not all(x in inits for x in n.input)
+                or inits[n.input[0]].data_type != onnx.TensorProto.INT8):
+            continue
+        users = readers.get(n.output[0], [])
+        if users and all(u.input[0] in graph_inputs or (u.input[0] in made_by and
+                                                        made_by[u.input[0]].op_type != "DequantizeLinear")
+                         for u in users):
+            fold.append(n)
+    if not fold:
+        return onnx_bytes
+    for n in fold:
+        q, scale = (numpy_helper.to_array(inits[x]) for x in n.input[:2])
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        zero = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 else np.zeros_like(scale)
+        w = (q.astype(np.float32) - zero.astype(np.float32).reshape(shape)) * scale.reshape(shape)
+        g.initializer.append(numpy_helper.from_array(w.astype(np.float32), n.output[0]))
+    dead = {x for n in fold for x in n.input}
+    folded = {id(n) for n in fold}
+    keep = [n for n in g.node if id(n) not in folded]
+    del g.node[:]
+    g.node.extend(keep)
+    still_used = {x for n in g.node for x in n.input}
+    kept = [t for t in g.initializer if t.name not in dead or t.name in still_used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return model.SerializeToString()
+
+
+def _name_nodes(path: str) -> None:
+    """Give unnamed nodes a name (quantize_static excludes nodes by name)."""
+    import onnx
+    model = onnx.load(path)
+    if all(n.name for n in model.graph.node):
+        return
+    for i, n in enumerate(model.graph.node):
+        n.name = n.name or f"{n.op_type}_{i}"
+    onnx.save(model, path)
+
+
 def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: bool = True,
                   progress: ProgressFn = None, method: str = CALIB_METHOD,
-                  percentile: float | None = None) -> bytes:
+                  percentile: float | None = None, keep_fp32=()) -> bytes:
     """Static int8 QDQ model: int8 weights (symmetric), uint8 activations with calibrated ranges.
 
     method "percentile" clips each activation range at the CALIB_PERCENTILE-th percentile of
     |x| (outliers would otherwise stretch the 256 levels); "minmax" keeps the full range.
+    keep_fp32: KEEP_FP32_RULES naming layers left in fp32.
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)
@@ -266,6 +400,9 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
                 quant_pre_process(src, pre, skip_symbolic_shape=True)
             except Exception:
                 pre = src
+            import onnx
+            _name_nodes(pre)
+            excluded = fp32_nodes(onnx.load(pre), keep_fp32) if keep_fp32 else []
             calib = {"minmax": (CalibrationMethod.MinMax, {}),
                      "percentile": (CalibrationMethod.Percentile,
                                     {"CalibPercentile": percentile or CALIB_PERCENTILE})}[method]
@@ -273,10 +410,11 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
                 quantize_static(pre, dst, Reader(calib_images, progress), quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=calib[0],
-                                op_types_to_quantize=QUANTIZED_OPS,
+                                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
                                 extra_options={**STRIDED.get(method, {}), **calib[1]})
-            with open(dst, "rb") as f:
-                return compact(f.read())
+            model = onnx.load(dst)
+            store_weights_int8(model, set(excluded))
+            return compact(model.SerializeToString())
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -389,6 +527,9 @@ def onnx_summary(onnx_bytes: bytes) -> dict:
     int8_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                and inits[n.input[0]].data_type == TensorProto.INT8}
     compute = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+    dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
     return {"int8_params": int(int8_params), "float_params_left": int(float_params),
             "compute_ops": len(compute),
-            "int8_compute_ops": sum(1 for n in compute if len(n.input) > 1 and n.input[1] in int8_dq)}
+            # int8 kernels: int8 weights and a quantized input (layers kept in fp32 only store int8 weights)
+            "int8_compute_ops": sum(1 for n in compute if len(n.input) > 1 and n.input[1] in int8_dq
+                                    and n.input[0] in dq_out)}

@@ -33,6 +33,9 @@ from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, calibratio
 MODES = ("fake", "int8", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
+# int8 layers left in fp32, as quant_ort.KEEP_FP32_RULES
+FP32_LAYERS = {"none": (), "edges": ("first", "classifier"), "edges+1x1": ("first", "classifier", "1x1")}
+
 PARAMS = [
     ParamSpec("mode", "choice", "fake", choices=MODES,
               help="fake: simulated low-bit weights (any bit width); int8: real int8 model run by "
@@ -55,11 +58,20 @@ PARAMS = [
               help="int8 activation ranges: min/max of the calibration images, or clipped at the 99.9th / "
                    "99.5th percentile (outliers then cost less resolution); auto: p99.5 for DenseNet, "
                    "min/max otherwise (measured, docs/bench_quantization.md)"),
+    ParamSpec("fp32_layers", "choice", "auto", choices=tuple(FP32_LAYERS) + ("auto",),
+              help="int8 mode: layers left in fp32 (their weights are still stored as int8): edges = the first "
+                   "convolution and the classifier; +1x1 also the convolutions on 1×1 maps; auto: edges+1x1 for "
+                   "DenseNet-121, edges otherwise (measured, docs/bench_quantization.md)"),
 ]
 # "auto" per architecture, from the Shapes teachers (accuracy drop in points, full test set):
 # DenseNet-121 min/max 13.8, p99.9 1.8, p99.5 0.65; ResNet-50 min/max 0.55, p99.9 0.75, p99.5 3.75;
 # ResNet-34 0.0 / 0.1 / 0.9. DenseNet's concatenated features carry rare large activations.
 AUTO_CALIBRATION = {"densenet121": "p99.5"}
+# "auto" fp32 layers, from the CIFAR-10 teachers (int8 drop in points: none -> edges -> edges+1x1):
+# DenseNet-121 1.94 / 1.10 / 0.48 (SVHN 0.50 each; Shapes 0.45 / 1.30 / 0.25); ResNet-34 0.10 / 0.00 / -0.06;
+# ResNet-50 0.18 / 0.10 / 0.16 (Shapes 0.55 / 0.00 / 0.05). The ResNets' layer4 at 1x1 is slower in fp32
+# (large 1x1 convolutions), DenseNet's denseblock4 (small ones) is not.
+AUTO_FP32_LAYERS = {"densenet121": "edges+1x1"}
 _DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
@@ -70,7 +82,7 @@ def _normalise(p: dict) -> None:
     if mode != "fake":
         ignored |= {"bits", "activations", "act_bits", "bn_correction"}
     if mode != "int8":
-        ignored |= {"calibration"}
+        ignored |= {"calibration", "fp32_layers"}
     if mode in ("fp16", "bf16"):
         ignored |= {"granularity", "calibration_images"}
     if mode == "fake" and not p["activations"]:
@@ -189,8 +201,9 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
     try:
         calib = extra["calibration"] = resolve_calibration(p["calibration"], _arch(ctx)[0])
         method, pct = ("minmax", None) if calib == "minmax" else ("percentile", float(calib[1:]))
+        kept = extra["fp32_layers"] = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
         int8_onnx = quant_ort.quantize_int8(fp32_onnx, images, p["granularity"] == "per_channel", ctx.progress,
-                                            method=method, percentile=pct)
+                                            method=method, percentile=pct, keep_fp32=FP32_LAYERS[kept])
         qmodel = quant_ort.OrtModule(int8_onnx, "int8")
         agree = _agreement(qmodel, baseline, images[:256])
         extra.update(quantized=True, calibration_argmax_agreement=agree, **quant_ort.onnx_summary(int8_onnx))
@@ -211,6 +224,11 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
 def resolve_calibration(choice: str, arch: str) -> str:
     """The calibration an int8 run uses: the choice, or for "auto" the one measured best for `arch`."""
     return AUTO_CALIBRATION.get(arch, "minmax") if choice == "auto" else choice
+
+
+def resolve_fp32_layers(choice: str, arch: str) -> str:
+    """The int8 layers kept in fp32: the choice, or for "auto" the one measured best for `arch`."""
+    return AUTO_FP32_LAYERS.get(arch, "edges") if choice == "auto" else choice
 
 
 def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
@@ -310,6 +328,7 @@ SPEC = register(TechniqueSpec(
     check=_normalise,
     # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms);
     # 3: DenseNets exported as a running concatenation (quant_ort._RunningConcatDenseBlock);
-    # 4: fake mode corrects batch-norm statistics (bn_correction)
-    version=4,
+    # 4: fake mode corrects batch-norm statistics (bn_correction);
+    # 5: int8 keeps the first convolution and the classifier (DenseNet: also 1x1 maps) in fp32
+    version=5,
 ))
