@@ -241,9 +241,9 @@ def test_int8_resnet34_smaller_faithful_reloads(r34, r34_logits, shapes, store):
     r = _run("resnet34", {"mode": "int8", "calibration_images": 64}, store)
     assert r.runtime == "onnxruntime-cpu" and r.baseline["latency_runtime"] == "onnxruntime-cpu"
     extra = r.compressed["extra"]
-    # "auto" keeps the stem convolution and the classifier in fp32, their weights stored as int8
-    assert extra["fp32_layers"] == "edges"
-    assert extra["quantized"] and extra["int8_compute_ops"] == extra["compute_ops"] - 2 > 30
+    # "auto" keeps the classifier in fp32, its weights stored as int8
+    assert extra["fp32_layers"] == "classifier"
+    assert extra["quantized"] and extra["int8_compute_ops"] == extra["compute_ops"] - 1 > 30
     assert extra["float_params_left"] < 0.01 * extra["int8_params"]
     assert r.baseline["size_bytes"] / r.compressed["size_bytes"] >= 3.8
     assert r.compressed["macs"] == r.baseline["macs"] and r.compressed["params"] == r.baseline["params"]
@@ -301,8 +301,8 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     tiny = quant_ort.fp32_nodes(dense, ("1x1",))
     assert len(tiny) == 32 and all("denseblock4" in n for n in tiny)
     assert quant_ort.fp32_nodes(dense, ()) == []
-    assert quantization.resolve_fp32_layers("auto", "densenet121") == "edges+1x1"
-    assert quantization.resolve_fp32_layers("auto", "resnet50") == "edges"
+    assert quantization.resolve_fp32_layers("auto", "densenet121") == "edges"
+    assert quantization.resolve_fp32_layers("auto", "resnet50") == "classifier"
 
 
 def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):

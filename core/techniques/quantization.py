@@ -34,7 +34,8 @@ MODES = ("fake", "int8", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # int8 layers left in fp32, as quant_ort.KEEP_FP32_RULES
-FP32_LAYERS = {"none": (), "edges": ("first", "classifier"), "edges+1x1": ("first", "classifier", "1x1")}
+FP32_LAYERS = {"none": (), "classifier": ("classifier",), "edges": ("first", "classifier"),
+               "edges+1x1": ("first", "classifier", "1x1")}
 
 PARAMS = [
     ParamSpec("mode", "choice", "fake", choices=MODES,
@@ -59,19 +60,23 @@ PARAMS = [
                    "99.5th percentile (outliers then cost less resolution); auto: p99.5 for DenseNet, "
                    "min/max otherwise (measured, docs/bench_quantization.md)"),
     ParamSpec("fp32_layers", "choice", "auto", choices=tuple(FP32_LAYERS) + ("auto",),
-              help="int8 mode: layers left in fp32 (their weights are still stored as int8): edges = the first "
-                   "convolution and the classifier; +1x1 also the convolutions on 1×1 maps; auto: edges+1x1 for "
-                   "DenseNet-121, edges otherwise (measured, docs/bench_quantization.md)"),
+              help="int8 mode: layers left in fp32 (their weights are still stored as int8): classifier = the "
+                   "logits layer; edges = also the first convolution; +1x1 also the convolutions on 1×1 maps "
+                   "(more accurate, slower); auto: edges for DenseNet-121, classifier otherwise (measured, "
+                   "docs/bench_quantization.md)"),
 ]
 # "auto" per architecture, from the Shapes teachers (accuracy drop in points, full test set):
 # DenseNet-121 min/max 13.8, p99.9 1.8, p99.5 0.65; ResNet-50 min/max 0.55, p99.9 0.75, p99.5 3.75;
 # ResNet-34 0.0 / 0.1 / 0.9. DenseNet's concatenated features carry rare large activations.
 AUTO_CALIBRATION = {"densenet121": "p99.5"}
-# "auto" fp32 layers, from the CIFAR-10 teachers (int8 drop in points: none -> edges -> edges+1x1):
-# DenseNet-121 1.94 / 1.10 / 0.48 (SVHN 0.50 each; Shapes 0.45 / 1.30 / 0.25); ResNet-34 0.10 / 0.00 / -0.06;
-# ResNet-50 0.18 / 0.10 / 0.16 (Shapes 0.55 / 0.00 / 0.05). The ResNets' layer4 at 1x1 is slower in fp32
-# (large 1x1 convolutions), DenseNet's denseblock4 (small ones) is not.
-AUTO_FP32_LAYERS = {"densenet121": "edges+1x1"}
+# "auto" fp32 layers: int8 drop in points and batch-1 speed-up (one thread, interleaved, quiet VM) on the
+# CIFAR-10 teachers, none -> classifier -> edges -> edges+1x1 (docs/bench_quantization.md, session 9):
+# DenseNet-121 1.94 (1.89x) / 1.92 (1.91x) / 1.10 (1.60x) / 0.48 (1.27x); ResNet-34 0.10 (3.62x) / 0.04 (3.46x) /
+# -0.14 (3.18x); ResNet-50 0.18 (2.71x) / 0.18 (2.78x) / 0.10 (2.59x), on Shapes 0.55 / 0.45 / 0.30.
+# The logits layer is free; the stem convolution costs 5-15% of the speed-up and is worth it for DenseNet only;
+# DenseNet's denseblock4 (1x1 maps at 32x32, activations with rare huge values that 256 levels cannot hold)
+# buys accuracy at the price of ~1/3 of the speed-up (fp32 weights are read on every image).
+AUTO_FP32_LAYERS = {"densenet121": "edges"}
 _DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
@@ -228,7 +233,7 @@ def resolve_calibration(choice: str, arch: str) -> str:
 
 def resolve_fp32_layers(choice: str, arch: str) -> str:
     """The int8 layers kept in fp32: the choice, or for "auto" the one measured best for `arch`."""
-    return AUTO_FP32_LAYERS.get(arch, "edges") if choice == "auto" else choice
+    return AUTO_FP32_LAYERS.get(arch, "classifier") if choice == "auto" else choice
 
 
 def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
@@ -329,6 +334,6 @@ SPEC = register(TechniqueSpec(
     # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms);
     # 3: DenseNets exported as a running concatenation (quant_ort._RunningConcatDenseBlock);
     # 4: fake mode corrects batch-norm statistics (bn_correction);
-    # 5: int8 keeps the first convolution and the classifier (DenseNet: also 1x1 maps) in fp32
+    # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32
     version=5,
 ))
