@@ -328,6 +328,25 @@ def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
     assert quant_ort.expand_stored_weights(int8).count(b"DequantizeLinear") == int8.count(b"DequantizeLinear")
 
 
+def test_convolutions_on_1x1_maps_run_as_their_centre_tap(r34, shapes):
+    import onnx
+    fp32 = quant_ort.export_onnx(r34.model)
+    int8 = quant_ort.quantize_int8(fp32, calibration_images(shapes, 32))
+    xs = np.ascontiguousarray(shapes.normalize(shapes.test_x[:32]).float().numpy())
+    for full in (fp32, int8):
+        cut = quant_ort.runtime_graph(full)
+        kernels = [[list(a.ints) for a in n.attribute if a.name == "kernel_shape"][0]
+                   for n in onnx.load_from_string(cut).graph.node if n.op_type == "Conv"]
+        # at 32x32 input five of layer4's six 3x3 convolutions see 1x1 maps (the first one has stride 2 on 2x2)
+        assert kernels.count([1, 1]) == [list(a.ints) for n in onnx.load_from_string(full).graph.node
+                                         if n.op_type == "Conv" for a in n.attribute
+                                         if a.name == "kernel_shape"].count([1, 1]) + 5
+        assert len(cut) < 0.6 * len(full)
+        a, b = (ort.InferenceSession(x, providers=["CPUExecutionProvider"]).run(None, {"input": xs})[0]
+                for x in (full, cut))
+        assert np.allclose(a, b, atol=1e-4 * np.abs(a).max())
+
+
 def _optimized_ops(onnx_bytes: bytes) -> dict:
     """Operator counts of the graph ONNX Runtime actually runs (after its graph optimizations)."""
     import collections
