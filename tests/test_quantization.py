@@ -301,7 +301,10 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     tiny = quant_ort.fp32_nodes(dense, ("1x1",))
     assert len(tiny) == 32 and all("denseblock4" in n for n in tiny)
     assert quant_ort.fp32_nodes(dense, ()) == []
-    assert quantization.resolve_fp32_layers("auto", "densenet121") == "edges"
+    assert quantization.resolve_fp32_layers("auto", "densenet121") == "edges+1x1"
+    # only the 3x3 ones among them (the conv2 of each dense layer; sessions run them as 1x1)
+    kxk = quant_ort.fp32_nodes(dense, ("1x1-kxk",))
+    assert len(kxk) == 16 and set(kxk) < set(tiny)
     assert quantization.resolve_fp32_layers("auto", "resnet50") == "classifier"
 
 

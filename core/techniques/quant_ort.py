@@ -38,9 +38,10 @@ STRIDED = {"minmax": {"CalibStridedMinMax": 1}}
 QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 # Layers that may be kept in fp32 (`keep_fp32` rules): "first" - the convolution reading the image;
 # "classifier" - the matrix op writing the logits; "1x1" - convolutions whose output maps are 1x1
-# (at 32x32 input: DenseNet-121's denseblock4, the ResNets' layer4). Their weights are still stored
+# (at 32x32 input: DenseNet-121's denseblock4, the ResNets' layer4); "1x1-kxk" - only those of them with a
+# k x k kernel on a 1x1 input, which sessions run as 1x1 (`centre_taps`). Their weights are still stored
 # as int8 (`store_weights_int8`) and expanded to fp32 when a session is made (`expand_stored_weights`).
-KEEP_FP32_RULES = ("first", "classifier", "1x1")
+KEEP_FP32_RULES = ("first", "classifier", "1x1", "1x1-kxk")
 
 
 def session_options(threads: int):
@@ -246,7 +247,7 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
     from onnx import shape_inference
     g = shape_inference.infer_shapes(onnx_model).graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(g.value_info) + list(g.output)}
+              for v in list(g.value_info) + list(g.output) + list(g.input)}
     ops = [n for n in g.node if n.op_type in QUANTIZED_OPS]
     inputs, outputs = {v.name for v in g.input}, {v.name for v in g.output}
     keep = []
@@ -254,7 +255,9 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
         shape = shapes.get(n.output[0], [])
         if (("first" in rules and n.input[0] in inputs)
                 or ("classifier" in rules and n.output[0] in outputs)
-                or ("1x1" in rules and n.op_type == "Conv" and len(shape) == 4 and shape[2:] == [1, 1])):
+                or ("1x1" in rules and n.op_type == "Conv" and len(shape) == 4 and shape[2:] == [1, 1])
+                or ("1x1-kxk" in rules and n.op_type == "Conv" and shapes.get(n.input[0], [])[2:] == [1, 1]
+                    and any(a.name == "kernel_shape" and max(a.ints) > 1 for a in n.attribute))):
             keep.append(n.name)
     return keep
 

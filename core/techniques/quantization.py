@@ -35,7 +35,7 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # int8 layers left in fp32, as quant_ort.KEEP_FP32_RULES
 FP32_LAYERS = {"none": (), "classifier": ("classifier",), "edges": ("first", "classifier"),
-               "edges+1x1": ("first", "classifier", "1x1")}
+               "edges+1x1-kxk": ("first", "classifier", "1x1-kxk"), "edges+1x1": ("first", "classifier", "1x1")}
 
 PARAMS = [
     ParamSpec("mode", "choice", "fake", choices=MODES,
@@ -61,22 +61,22 @@ PARAMS = [
                    "min/max otherwise (measured, docs/bench_quantization.md)"),
     ParamSpec("fp32_layers", "choice", "auto", choices=tuple(FP32_LAYERS) + ("auto",),
               help="int8 mode: layers left in fp32 (their weights are still stored as int8): classifier = the "
-                   "logits layer; edges = also the first convolution; +1x1 also the convolutions on 1×1 maps "
-                   "(more accurate, slower); auto: edges for DenseNet-121, classifier otherwise (measured, "
-                   "docs/bench_quantization.md)"),
+                   "logits layer; edges = also the first convolution; +1x1-kxk also the 3×3 convolutions on 1×1 "
+                   "maps; +1x1 every convolution on 1×1 maps (more accurate, slower); auto: edges+1x1 for "
+                   "DenseNet-121, classifier otherwise (measured, docs/bench_quantization.md)"),
 ]
 # "auto" per architecture, from the Shapes teachers (accuracy drop in points, full test set):
 # DenseNet-121 min/max 13.8, p99.9 1.8, p99.5 0.65; ResNet-50 min/max 0.55, p99.9 0.75, p99.5 3.75;
 # ResNet-34 0.0 / 0.1 / 0.9. DenseNet's concatenated features carry rare large activations.
 AUTO_CALIBRATION = {"densenet121": "p99.5"}
-# "auto" fp32 layers: int8 drop in points and batch-1 speed-up (one thread, interleaved, quiet VM) on the
-# CIFAR-10 teachers, none -> classifier -> edges -> edges+1x1 (docs/bench_quantization.md, session 9):
-# DenseNet-121 1.94 (1.89x) / 1.92 (1.91x) / 1.10 (1.60x) / 0.48 (1.27x); ResNet-34 0.10 (3.62x) / 0.04 (3.46x) /
-# -0.14 (3.18x); ResNet-50 0.18 (2.71x) / 0.18 (2.78x) / 0.10 (2.59x), on Shapes 0.55 / 0.45 / 0.30.
-# The logits layer is free; the stem convolution costs 5-15% of the speed-up and is worth it for DenseNet only;
-# DenseNet's denseblock4 (1x1 maps at 32x32, activations with rare huge values that 256 levels cannot hold)
-# buys accuracy at the price of ~1/3 of the speed-up (fp32 weights are read on every image).
-AUTO_FP32_LAYERS = {"densenet121": "edges"}
+# "auto" fp32 layers: int8 drop in points and batch-1 speed-up (one thread, interleaved) on the CIFAR-10
+# teachers (docs/bench_quantization.md, session 9). ResNet-34 none 0.10 (3.62x) / classifier 0.04 (3.46x) /
+# edges -0.14 (3.18x); ResNet-50 0.18 (2.71x) / 0.18 (2.78x) / 0.10 (2.59x), on Shapes 0.55 / 0.45 / 0.30:
+# the logits layer is free, the stem costs 5-15% of the speed-up. DenseNet-121, sessions running 1x1-map
+# convolutions as their centre tap: none 1.94 (2.14x) / edges 1.14 (2.21x) / edges+1x1-kxk 0.68 (2.28x) /
+# edges+1x1 0.50 (1.94x); SVHN 0.50 for all, Shapes 0.45 / 0.65 / 0.25 / 0.05. Its denseblock4 (1x1 maps at
+# 32x32) carries activations with rare huge values that 256 levels cannot hold.
+AUTO_FP32_LAYERS = {"densenet121": "edges+1x1"}
 _DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
@@ -334,6 +334,7 @@ SPEC = register(TechniqueSpec(
     # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms);
     # 3: DenseNets exported as a running concatenation (quant_ort._RunningConcatDenseBlock);
     # 4: fake mode corrects batch-norm statistics (bn_correction);
-    # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32
-    version=5,
+    # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32;
+    # 6: DenseNet also its 1x1-map block (cheap once sessions cut 1x1-map convolutions to their centre tap)
+    version=6,
 ))
