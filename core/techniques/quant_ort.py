@@ -409,7 +409,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
     def attrs(n):
         return {a.name: list(a.ints) for a in n.attribute if a.type == onnx.AttributeProto.INTS}
 
-    candidates = [n for n in g.node if n.op_type in ("Conv", "QLinearConv")
+    candidates = [n for n in g.node if n.op_type == "Conv"
                   and any(k > 1 for k in attrs(n).get("kernel_shape", []))]
     if not candidates:
         return onnx_bytes
@@ -418,7 +418,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
     for n in candidates:
         a = attrs(n)
         k = a["kernel_shape"]
-        if (n.op_type != "Conv" or len(k) != 2 or any(v % 2 == 0 for v in k)
+        if (len(k) != 2 or any(v % 2 == 0 for v in k)
                 or shapes.get(n.input[0], [])[2:] != [1, 1]
                 or a.get("pads", [0] * 4) != [k[0] // 2, k[1] // 2] * 2
                 or any(d != 1 for d in a.get("dilations", [1, 1]))):
