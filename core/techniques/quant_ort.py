@@ -272,6 +272,15 @@ def _weight_axis(node) -> int | None:
     return None
 
 
+def _graph_index(g):
+    """Initializers by name, the node making each tensor, and the nodes reading each tensor."""
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    return {t.name: t for t in g.initializer}, {o: n for n in g.node for o in n.output}, readers
+
+
 def store_weights_int8(model, node_names: set[str]) -> int:
     """Store the fp32 weights of `node_names` as per-channel symmetric int8 + DequantizeLinear.
 
@@ -281,16 +290,12 @@ def store_weights_int8(model, node_names: set[str]) -> int:
     """
     from onnx import TensorProto, helper, numpy_helper
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            uses[x] = uses.get(x, 0) + 1
+    inits, _, readers = _graph_index(g)
     new_nodes = []
     for n in g.node:
         axis = _weight_axis(n)
         if (n.name not in node_names or axis is None or len(n.input) < 2 or n.input[1] not in inits
-                or uses[n.input[1]] != 1 or inits[n.input[1]].data_type != TensorProto.FLOAT):
+                or len(readers[n.input[1]]) != 1 or inits[n.input[1]].data_type != TensorProto.FLOAT):
             continue
         name = n.input[1]
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
@@ -317,17 +322,18 @@ def expand_stored_weights(onnx_bytes: bytes) -> bytes:
     (written by `store_weights_int8`) into an fp32 initializer. Weights of int8 layers (their
     activation comes from a DequantizeLinear too) are left to ONNX Runtime's int8 kernels."""
     import onnx
-    from onnx import numpy_helper
     if b"DequantizeLinear" not in onnx_bytes:
         return onnx_bytes
     model = onnx.load_from_string(onnx_bytes)
+    return model.SerializeToString() if _expand_stored(model) else onnx_bytes
+
+
+def _expand_stored(model) -> bool:
+    """`expand_stored_weights` on a loaded model, in place; whether anything changed."""
+    import onnx
+    from onnx import numpy_helper
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    made_by = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    inits, made_by, readers = _graph_index(g)
     graph_inputs = {v.name for v in g.input}
     fold = []
     for n in g.node:
@@ -340,7 +346,7 @@ def expand_stored_weights(onnx_bytes: bytes) -> bytes:
                          for u in users):
             fold.append(n)
     if not fold:
-        return onnx_bytes
+        return False
     for n in fold:
         q, scale = (numpy_helper.to_array(inits[x]) for x in n.input[:2])
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
@@ -358,13 +364,19 @@ def expand_stored_weights(onnx_bytes: bytes) -> bytes:
     kept = [t for t in g.initializer if t.name not in dead or t.name in still_used]
     del g.initializer[:]
     g.initializer.extend(kept)
-    return model.SerializeToString()
+    return True
 
 
 def runtime_graph(onnx_bytes: bytes) -> bytes:
     """The graph a session runs: int8-stored fp32 weights expanded, and convolutions that only ever see
     a 1x1 map cut to their centre tap. The stored file (and the size the lab reports) is unchanged."""
-    return centre_taps(expand_stored_weights(onnx_bytes))
+    import onnx
+    if b"Conv" not in onnx_bytes and b"DequantizeLinear" not in onnx_bytes:
+        return onnx_bytes
+    model = onnx.load_from_string(onnx_bytes)   # parsed once: a VGG16 file is 0.5 GB
+    changed = _expand_stored(model) if b"DequantizeLinear" in onnx_bytes else False
+    changed = _cut_centre_taps(model) or changed
+    return model.SerializeToString() if changed else onnx_bytes
 
 
 def _spatial_shapes(model) -> dict[str, list[int]]:
@@ -394,17 +406,18 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
     Same outputs; the int8 ResNet-34 then fits the CPU cache (docs/bench_quantization.md, session 9).
     """
     import onnx
-    from onnx import helper, numpy_helper
     if b"Conv" not in onnx_bytes:
         return onnx_bytes
     model = onnx.load_from_string(onnx_bytes)
+    return model.SerializeToString() if _cut_centre_taps(model) else onnx_bytes
+
+
+def _cut_centre_taps(model) -> bool:
+    """`centre_taps` on a loaded model, in place; whether anything changed."""
+    import onnx
+    from onnx import helper, numpy_helper
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    made_by = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            uses[x] = uses.get(x, 0) + 1
+    inits, made_by, readers = _graph_index(g)
 
     def attrs(n):
         return {a.name: list(a.ints) for a in n.attribute if a.type == onnx.AttributeProto.INTS}
@@ -412,7 +425,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
     candidates = [n for n in g.node if n.op_type == "Conv"
                   and any(k > 1 for k in attrs(n).get("kernel_shape", []))]
     if not candidates:
-        return onnx_bytes
+        return False
     shapes = _spatial_shapes(model)
     done = 0
     for n in candidates:
@@ -426,7 +439,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
         weight = n.input[1]
         if weight not in inits and weight in made_by and made_by[weight].op_type == "DequantizeLinear":
             weight = made_by[weight].input[0]    # an int8 weight: its per-output-channel scales still apply
-        if weight not in inits or uses.get(weight, 0) != 1:
+        if weight not in inits or len(readers.get(weight, [])) != 1:
             continue
         w = numpy_helper.to_array(inits[weight])
         c0, c1 = k[0] // 2, k[1] // 2
@@ -437,7 +450,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
         n.attribute.extend([helper.make_attribute("kernel_shape", [1, 1]),
                             helper.make_attribute("pads", [0, 0, 0, 0])])
         done += 1
-    return model.SerializeToString() if done else onnx_bytes
+    return done > 0
 
 
 def _name_nodes(path: str) -> None:
@@ -543,17 +556,13 @@ def slim_batch_norms(model) -> int:
     """
     from onnx import TensorProto, helper, numpy_helper
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            uses[x] = uses.get(x, 0) + 1
+    inits, _, readers = _graph_index(g)
     made: dict[tuple[int, float], str] = {}
     new_nodes, dead, done = [], set(), 0
     for n in g.node:
         params = list(n.input[1:])
         if (n.op_type != "BatchNormalization" or len(n.input) != 5 or len(n.output) != 1
-                or not all(x in inits and uses[x] == 1 for x in params)):
+                or not all(x in inits and len(readers[x]) == 1 for x in params)):
             continue
         eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
         scale, bias, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64) for x in params)
