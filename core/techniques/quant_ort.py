@@ -453,15 +453,15 @@ def _cut_centre_taps(model) -> bool:
     return done > 0
 
 
-def _name_nodes(path: str) -> None:
-    """Give unnamed nodes a name (quantize_static excludes nodes by name)."""
+def _named(path: str):
+    """The model at `path`, its unnamed nodes given a name there too (quantize_static excludes by name)."""
     import onnx
     model = onnx.load(path)
-    if all(n.name for n in model.graph.node):
-        return
-    for i, n in enumerate(model.graph.node):
-        n.name = n.name or f"{n.op_type}_{i}"
-    onnx.save(model, path)
+    if not all(n.name for n in model.graph.node):
+        for i, n in enumerate(model.graph.node):
+            n.name = n.name or f"{n.op_type}_{i}"
+        onnx.save(model, path)
+    return model
 
 
 def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: bool = True,
@@ -496,8 +496,7 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
             except Exception:
                 pre = src
             import onnx
-            _name_nodes(pre)
-            excluded = fp32_nodes(onnx.load(pre), keep_fp32) if keep_fp32 else []
+            excluded = fp32_nodes(_named(pre), keep_fp32) if keep_fp32 else []
             calib = {"minmax": (CalibrationMethod.MinMax, {}),
                      "percentile": (CalibrationMethod.Percentile,
                                     {"CalibPercentile": percentile or CALIB_PERCENTILE})}[method]
