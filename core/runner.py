@@ -139,6 +139,10 @@ def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dic
         latency_p95_ms_b64=l64.p95_ms, threads=l64.threads, threads_b1=l1.threads, latency_runtime=out.runtime,
         eval_images=len(y), per_class_accuracy=metrics.per_class_accuracy(logits, y, data.num_classes),
         extra=dict(out.extra, file_bytes=size["size_bytes"]))
+    plans = {role: m.plans.get(l64.threads) for role, m in (("baseline", base), ("compressed", model))
+             if getattr(m, "plans", None) and m.plans.get(l64.threads)}
+    if plans:   # how ONNX Runtime ran each batch of 64 (quant_ort.BATCH_PLANS)
+        rep.extra["batch_plan_b64"] = plans
     if out.time_deployed and base is not None and out.runtime == "pytorch-eager":
         rep.extra["deployed"] = deployed_latency(base, model)
     if lat:
@@ -180,6 +184,8 @@ def deployed_latency(base: nn.Module, model: nn.Module) -> dict:
         la, lb, speedup = metrics.compare_latency(a, b, bs, rounds=rounds, warmup=1 if bs > 1 else 3)
         out.update({f"baseline_ms_{key}": la.median_ms, f"compressed_ms_{key}": lb.median_ms,
                     f"speedup_{key}": speedup})
+        if bs > 1:
+            out["batch_plan_b64"] = {"baseline": a.plans.get(la.threads), "compressed": b.plans.get(lb.threads)}
     return out
 
 

@@ -98,6 +98,15 @@ def metric_cards(baseline: dict, compressed: dict) -> list[dict]:
     return cards
 
 
+def batch_plan_words(plans: dict | None) -> str:
+    """" (...)" saying which models ran a batch split into one part per core (quant_ort.BATCH_PLANS)."""
+    split = [role for role, plan in (plans or {}).items() if plan == "split"]
+    if not split:
+        return ""
+    who = "both models" if len(split) == len(plans) else f"the {split[0]} model"
+    return f" ({who} faster with the batch split into one part per core)"
+
+
 def deployed_latency_line(baseline: dict, compressed: dict) -> str | None:
     """One sentence setting the eager speed-up beside ONNX Runtime's, when the result has both."""
     d = (compressed.get("extra") or {}).get("deployed")
@@ -108,7 +117,8 @@ def deployed_latency_line(baseline: dict, compressed: dict) -> str | None:
     eager = _ratio(baseline.get("latency_ms_b64"), compressed.get("latency_ms_b64"))
     macs = _ratio(baseline.get("macs"), compressed.get("macs"))
     return (f"Deployed in ONNX Runtime (fp32; batch norm, ReLU and adds fused into the convolutions): "
-            f"batch 64 {fmt_ms(d['baseline_ms_b64'])} → {fmt_ms(d['compressed_ms_b64'])}, "
+            f"batch 64{batch_plan_words(d.get('batch_plan_b64'))} {fmt_ms(d['baseline_ms_b64'])} → "
+            f"{fmt_ms(d['compressed_ms_b64'])}, "
             f"{d['speedup_b64']:.2f}× faster (eager PyTorch: {eager:.2f}×; MACs {macs:.2f}× fewer); "
             f"batch 1 {d['speedup_b1']:.2f}× faster." if eager and macs else
             f"Deployed in ONNX Runtime (fp32): batch 64 {d['speedup_b64']:.2f}× faster, batch 1 {d['speedup_b1']:.2f}×.")

@@ -284,6 +284,13 @@ def test_deployed_latency_line_sets_onnx_runtime_beside_eager():
                 "speedup_b64": 3.76, "speedup_b1": 6.2}
     line = views.deployed_latency_line(base, {"macs": 19.4e6, "latency_ms_b64": 25.0, "extra": {"deployed": deployed}})
     assert "3.76× faster (eager PyTorch: 2.40×; MACs 3.87× fewer)" in line and "batch 1 6.20×" in line
+    assert "split" not in line   # no plan recorded: nothing said about it
+    deployed["batch_plan_b64"] = {"baseline": "whole", "compressed": "split"}
+    line = views.deployed_latency_line(base, {"macs": 19.4e6, "latency_ms_b64": 25.0, "extra": {"deployed": deployed}})
+    assert "batch 64 (the compressed model faster with the batch split into one part per core) 47.0" in line
+    deployed["batch_plan_b64"]["baseline"] = "split"
+    line = views.deployed_latency_line(base, {"macs": 19.4e6, "latency_ms_b64": 25.0, "extra": {"deployed": deployed}})
+    assert "batch 64 (both models faster with the batch split" in line
     assert views.deployed_latency_line(base, {"macs": 1, "extra": {}}) is None     # not timed: nothing to say
     failed = {"extra": {"deployed": {"runtime": "onnxruntime-cpu", "error": "UnsupportedOperatorError: x"}}}
     assert "could not be exported (UnsupportedOperatorError" in views.deployed_latency_line(base, failed)

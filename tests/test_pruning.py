@@ -86,6 +86,8 @@ def test_structured_resnet34_shrinks_finetunes_reloads_and_caches(make_teacher, 
     assert dep["runtime"] == "onnxruntime-cpu" and "error" not in dep
     assert dep["speedup_b64"] == pytest.approx(dep["baseline_ms_b64"] / dep["compressed_ms_b64"])
     assert dep["speedup_b64"] > 1.5
+    if r.baseline["threads"] > 1:
+        assert set(dep["batch_plan_b64"].values()) <= {"whole", "split"} and len(dep["batch_plan_b64"]) == 2
     # the teacher is untouched
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before.items())
     # the saved file (weights_only) rebuilds a model that predicts what was measured

@@ -248,6 +248,10 @@ def test_int8_resnet34_smaller_faithful_reloads(r34, r34_logits, shapes, store):
     assert r.baseline["size_bytes"] / r.compressed["size_bytes"] >= 3.8
     assert r.compressed["macs"] == r.baseline["macs"] and r.compressed["params"] == r.baseline["params"]
     assert r.compressed["latency_ms_b1"] > 0 and r.baseline["latency_ms_b1"] > 0
+    # how ONNX Runtime ran each batch of 64 on several threads is recorded for both models
+    if r.baseline["threads"] > 1:
+        assert set(extra["batch_plan_b64"]) == {"baseline", "compressed"}
+        assert set(extra["batch_plan_b64"].values()) <= {"whole", "split"}
     state = torch.load(r.model_path, weights_only=True)
     assert state["format"] == "onnx" and state["onnx"].dtype == torch.uint8
     model = load_compressed(r)
