@@ -99,7 +99,7 @@ def metric_cards(baseline: dict, compressed: dict) -> list[dict]:
 
 
 def batch_plan_words(plans: dict | None) -> str:
-    """" (...)" saying which models ran a batch split into one part per core (quant_ort.BATCH_PLANS)."""
+    """Words saying which models ran a batch split into one part per core (quant_ort.BATCH_PLANS)."""
     split = [role for role, plan in (plans or {}).items() if plan == "split"]
     if not split:
         return ""

@@ -152,8 +152,10 @@ class OrtModule(nn.Module):
         # torch's OpenMP threads, which then spin on the cores ONNX Runtime's threads need
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         threads = max(1, torch.get_num_threads())
-        if len(arr) > 1 and threads > 1 and self.plan(threads, arr) == "split":
+        if threads > 1 and len(arr) > 1 and self.plan(threads, arr) == "split":
             out = self._run_split(arr, threads)
+        elif threads > 1 and self.plans.get(threads) == "split":
+            out = self._run_whole(arr, 1)   # one image: the one-thread session, not a second copy
         else:
             out = self._run_whole(arr, threads)
         return torch.from_numpy(out)
