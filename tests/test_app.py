@@ -287,10 +287,11 @@ def test_deployed_latency_line_sets_onnx_runtime_beside_eager():
     assert "split" not in line   # no plan recorded: nothing said about it
     deployed["batch_plan_b64"] = {"baseline": "whole", "compressed": "split"}
     line = views.deployed_latency_line(base, {"macs": 19.4e6, "latency_ms_b64": 25.0, "extra": {"deployed": deployed}})
-    assert "batch 64 (the compressed model faster with the batch split into one part per core) 47.0" in line
+    assert line.endswith("batch 1 6.20× faster. The compressed model ran the batch of 64 cut into one part per "
+                         "core, each on its own thread (faster for it than one run sharing every layer between the cores).")
     deployed["batch_plan_b64"]["baseline"] = "split"
     line = views.deployed_latency_line(base, {"macs": 19.4e6, "latency_ms_b64": 25.0, "extra": {"deployed": deployed}})
-    assert "batch 64 (both models faster with the batch split" in line
+    assert "Both models ran the batch of 64 cut into one part per core" in line and "faster for them" in line
     assert views.deployed_latency_line(base, {"macs": 1, "extra": {}}) is None     # not timed: nothing to say
     failed = {"extra": {"deployed": {"runtime": "onnxruntime-cpu", "error": "UnsupportedOperatorError: x"}}}
     assert "could not be exported (UnsupportedOperatorError" in views.deployed_latency_line(base, failed)
