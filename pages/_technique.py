@@ -92,7 +92,8 @@ def show_result(result, spec, teacher) -> None:
     st.subheader("Before → after")
     how = "stored result (instant)" if result.cached else f"computed in {result.seconds:.1f} s"
     st.caption(f"{result.label()} · {MODELS[result.model].title} on {result.dataset_label} · "
-               f"{result.eval_images:,} test images · latency runtime {result.runtime} · {how}")
+               f"{result.eval_images:,} test images · latency runtime {result.runtime} · {how}."
+               + views.batch_plan_words((result.compressed.get("extra") or {}).get("batch_plan_b64")))
     sh.metric_row(result.baseline, result.compressed)
     for note in result.notes or []:
         st.warning(note, icon=":material/sticky_note_2:")
