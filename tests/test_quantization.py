@@ -276,6 +276,7 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
                                          "fp32_layers": "none"}, progress=events.append)
     assert out.extra["quantized"] and not any("failed" in n or "could not" in n for n in out.notes)
     assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] > 100
+    assert out.extra["equalized_layers"] == 180   # rescaled first (tests/test_equalize.py)
     assert any(e.stage == "calibrate" and e.kind == "batch" for e in events)
     file_bytes = len(quant_ort.tensor_to_bytes(out.state["onnx"]))
     # exported as a running concatenation, ONNX Runtime dequantizes each convolution's output once (with

@@ -26,7 +26,7 @@ from ..errors import LabError
 from ..models import build_model
 from ..progress import emit
 from ..training import bf16_training_supported
-from . import bn_correction, quant_fake, quant_ort
+from . import bn_correction, equalize, quant_fake, quant_ort
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, calibration_images
 
@@ -59,6 +59,10 @@ PARAMS = [
               help="int8 activation ranges: min/max of the calibration images, or clipped at the 99.9th / "
                    "99.5th percentile (outliers then cost less resolution); auto: p99.5 for DenseNet, "
                    "min/max otherwise (measured, docs/bench_quantization.md)"),
+    ParamSpec("equalize", "bool", True,
+              help="int8 mode, DenseNets: before quantizing, rescale channels (the same model in fp32) so that one "
+                   "int8 scale per tensor fits them all: equalize batch norm -> convolution pairs and centre and "
+                   "scale the features written into concatenations (docs/bench_quantization.md, session 10)"),
     ParamSpec("fp32_layers", "choice", "auto", choices=tuple(FP32_LAYERS) + ("auto",),
               help="int8 mode: layers left in fp32 (their weights are still stored as int8): classifier = the "
                    "logits layer; edges = also the first convolution; +1x1-kxk also the 3×3 convolutions on 1×1 "
@@ -87,7 +91,7 @@ def _normalise(p: dict) -> None:
     if mode != "fake":
         ignored |= {"bits", "activations", "act_bits", "bn_correction"}
     if mode != "int8":
-        ignored |= {"calibration", "fp32_layers"}
+        ignored |= {"calibration", "fp32_layers", "equalize"}
     if mode in ("fp16", "bf16"):
         ignored |= {"granularity", "calibration_images"}
     if mode == "fake" and not p["activations"]:
@@ -207,7 +211,12 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         calib = extra["calibration"] = resolve_calibration(p["calibration"], _arch(ctx)[0])
         method, pct = ("minmax", None) if calib == "minmax" else ("percentile", float(calib[1:]))
         kept = extra["fp32_layers"] = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
-        int8_onnx = quant_ort.quantize_int8(fp32_onnx, images, p["granularity"] == "per_channel", ctx.progress,
+        source, extra["equalized_layers"] = equalize.equalize_densenet(model, images) if p["equalize"] else (model, 0)
+        if extra["equalized_layers"]:
+            emit(ctx.progress, stage="quantize", kind="message",
+                 message=f"equalized {extra['equalized_layers']} layers for one int8 scale per tensor")
+        int8_onnx = quant_ort.quantize_int8(quant_ort.export_onnx(source) if source is not model else fp32_onnx,
+                                            images, p["granularity"] == "per_channel", ctx.progress,
                                             method=method, percentile=pct, keep_fp32=FP32_LAYERS[kept])
         qmodel = quant_ort.OrtModule(int8_onnx, "int8")
         agree = _agreement(qmodel, baseline, images[:256])
@@ -336,5 +345,6 @@ SPEC = register(TechniqueSpec(
     # 4: fake mode corrects batch-norm statistics (bn_correction);
     # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32;
     # 6: DenseNet also its 1x1-map block (cheap once sessions cut 1x1-map convolutions to their centre tap)
-    version=6,
+    # 7: DenseNets equalized before int8 (equalize.equalize_densenet)
+    version=7,
 ))
