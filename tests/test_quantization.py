@@ -271,7 +271,7 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     teacher = make_teacher("densenet121")
     events = []
     # min/max: this checks the conversion, on a 1-epoch teacher whose activations are not yet those of a
-    # trained DenseNet (for which "auto" picks p99.5: 0.65 pt drop vs 13.8 with min/max, measured)
+    # trained DenseNet (for which "auto" picks p99.9: 0.20 pt drop vs 0.98 with p99.5, measured)
     out = _apply(spec, teacher, shapes, {"mode": "int8", "calibration_images": 64, "calibration": "minmax",
                                          "fp32_layers": "none"}, progress=events.append)
     assert out.extra["quantized"] and not any("failed" in n or "could not" in n for n in out.notes)
@@ -413,9 +413,9 @@ def test_slim_batch_norms_computes_the_same_with_half_the_floats():
 
 
 def test_auto_calibration_per_architecture_and_percentile_with_a_partial_batch(r34, shapes, spec):
-    assert quantization.resolve_calibration("auto", "densenet121") == "p99.5"
+    assert quantization.resolve_calibration("auto", "densenet121") == "p99.9"
     assert quantization.resolve_calibration("auto", "resnet34") == "minmax"
-    assert quantization.resolve_calibration("p99.9", "densenet121") == "p99.9"
+    assert quantization.resolve_calibration("p99.5", "densenet121") == "p99.5"   # a choice is kept
     # 40 images = one full batch + 8: the histogram calibrator must not see the short batch
     out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 40, "calibration": "p99.9"})
     assert out.extra["quantized"] and out.extra["calibration"] == "p99.9"
