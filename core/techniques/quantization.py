@@ -347,6 +347,6 @@ SPEC = register(TechniqueSpec(
     # 4: fake mode corrects batch-norm statistics (bn_correction);
     # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32;
     # 6: DenseNet also its 1x1-map block (cheap once sessions cut 1x1-map convolutions to their centre tap)
-    # 7: DenseNets equalized before int8 (equalize.equalize_densenet)
-    version=7,
+    # 7: DenseNets equalized before int8 (equalize.equalize_densenet); 8: DenseNet's auto calibration p99.9
+    version=8,
 ))
