@@ -139,15 +139,19 @@ def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dic
         latency_p95_ms_b64=l64.p95_ms, threads=l64.threads, threads_b1=l1.threads, latency_runtime=out.runtime,
         eval_images=len(y), per_class_accuracy=metrics.per_class_accuracy(logits, y, data.num_classes),
         extra=dict(out.extra, file_bytes=size["size_bytes"]))
-    plans = {role: m.plans.get(l64.threads) for role, m in (("baseline", base), ("compressed", model))
-             if getattr(m, "plans", None) and m.plans.get(l64.threads)}
-    if plans:   # how ONNX Runtime ran each batch of 64 (quant_ort.BATCH_PLANS)
+    plans = _batch_plans(l64.threads, baseline=base, compressed=model)
+    if plans:
         rep.extra["batch_plan_b64"] = plans
     if out.time_deployed and base is not None and out.runtime == "pytorch-eager":
         rep.extra["deployed"] = deployed_latency(base, model)
     if lat:
         lat["latency_runtime"] = out.runtime
     return rep.to_dict(), lat
+
+
+def _batch_plans(threads: int, **models) -> dict:
+    """How ONNX Runtime ran each model's batches of several images on `threads` threads (quant_ort.BATCH_PLANS)."""
+    return {role: plan for role, m in models.items() if (plan := getattr(m, "plans", {}).get(threads))}
 
 
 _TWINS: dict = {}   # one entry: id(eager model) -> (weak reference to it, its ONNX Runtime twin)
@@ -185,7 +189,7 @@ def deployed_latency(base: nn.Module, model: nn.Module) -> dict:
         out.update({f"baseline_ms_{key}": la.median_ms, f"compressed_ms_{key}": lb.median_ms,
                     f"speedup_{key}": speedup})
         if bs > 1:
-            out["batch_plan_b64"] = {"baseline": a.plans.get(la.threads), "compressed": b.plans.get(lb.threads)}
+            out["batch_plan_b64"] = _batch_plans(la.threads, baseline=a, compressed=b)
     return out
 
 
