@@ -393,15 +393,21 @@ def store_weights_int8(model, node_names: set[str]) -> int:
     return len(new_nodes)
 
 
+def _rewritten(onnx_bytes: bytes, needs: bytes, rewrite) -> bytes:
+    """The bytes after an in-place graph `rewrite` (returning whether it changed anything); skipped
+    without parsing when the serialized model does not even contain `needs`."""
+    import onnx
+    if needs not in onnx_bytes:
+        return onnx_bytes
+    model = onnx.load_from_string(onnx_bytes)
+    return model.SerializeToString() if rewrite(model) else onnx_bytes
+
+
 def expand_stored_weights(onnx_bytes: bytes) -> bytes:
     """Fold each DequantizeLinear of a constant int8 weight whose layer reads a float activation
     (written by `store_weights_int8`) into an fp32 initializer. Weights of int8 layers (their
     activation comes from a DequantizeLinear too) are left to ONNX Runtime's int8 kernels."""
-    import onnx
-    if b"DequantizeLinear" not in onnx_bytes:
-        return onnx_bytes
-    model = onnx.load_from_string(onnx_bytes)
-    return model.SerializeToString() if _expand_stored(model) else onnx_bytes
+    return _rewritten(onnx_bytes, b"DequantizeLinear", _expand_stored)
 
 
 def _expand_stored(model) -> bool:
@@ -481,11 +487,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
     zero padding (five of ResNet-34's layer4 convolutions: 10.5 M of the model's 21.3 M weights).
     Same outputs; the int8 ResNet-34 then fits the CPU cache (docs/bench_quantization.md, session 9).
     """
-    import onnx
-    if b"Conv" not in onnx_bytes:
-        return onnx_bytes
-    model = onnx.load_from_string(onnx_bytes)
-    return model.SerializeToString() if _cut_centre_taps(model) else onnx_bytes
+    return _rewritten(onnx_bytes, b"Conv", _cut_centre_taps)
 
 
 def _cut_centre_taps(model) -> bool:
