@@ -80,12 +80,11 @@ def bench_int8(spec, teacher, data, threads, rounds, acc_fp32, profile=False):
 def op_profile(onnx_bytes: bytes, threads: int, runs: int = 100) -> dict:
     """Share of batch-1 kernel time per operator type (ONNX Runtime's profiler), and nodes per run."""
     import collections
-    import onnxruntime as ort
-    from core.techniques.quant_ort import INPUT_NAME, runtime_graph, session_options
+    from core.techniques.quant_ort import INPUT_NAME, new_session, session_options
     so = session_options(threads)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "lab-ort-profile")
-    sess = ort.InferenceSession(runtime_graph(onnx_bytes), so, providers=["CPUExecutionProvider"])
+    sess = new_session(onnx_bytes, so)
     x = metrics.latency_input(1, channels_last=False).numpy()
     for _ in range(runs):
         sess.run(None, {INPUT_NAME: x})

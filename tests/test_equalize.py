@@ -23,9 +23,10 @@ def _uneven_densenet():
     return model
 
 
-def _writer_ranges(model, images):
-    """(min, max) per channel of every convolution writing into a concatenation."""
-    writers = [c for ws, _ in equalize._feature_writers(model) for c, _ in ws]
+def _writer_ranges(model, images, group=None):
+    """(min, max) per channel of every convolution writing into a concatenation (the `group`-th only)."""
+    groups = equalize._feature_writers(model)
+    writers = [c for i, (ws, _) in enumerate(groups) for c, _ in ws if group in (None, i)]
     seen = {}
     hooks = [c.register_forward_hook(lambda m, i, o, c=c: seen.__setitem__(
         c, (o.transpose(0, 1).flatten(1).amin(1), o.transpose(0, 1).flatten(1).amax(1)))) for c in writers]
@@ -51,11 +52,14 @@ def test_equalization_keeps_the_function_and_evens_out_the_channels():
     spread_before = [((hi - lo).max() / (hi - lo).clamp_min(1e-9).median()).item()
                      for lo, hi in _writer_ranges(model, images)]
     assert max(spread_before) > 2   # the test model is uneven to begin with
-    for lo, hi in _writer_ranges(eq, images):
-        half, mid = (hi - lo) / 2, (hi + lo) / 2
-        # every channel now spans the widest one's range, centred on zero
-        assert torch.allclose(half, half.max().expand_as(half), rtol=1e-3)
-        assert mid.abs().max() <= 1e-3 * half.max()
+    for group in range(len(equalize._feature_writers(eq))):
+        ranges = _writer_ranges(eq, images, group)
+        widest = max(float(hi.sub(lo).max()) / 2 for lo, hi in ranges)
+        for lo, hi in ranges:
+            half, mid = (hi - lo) / 2, (hi + lo) / 2
+            # every channel of a concatenation now spans its widest one's range, centred on zero
+            assert torch.allclose(half, torch.full_like(half, widest), rtol=1e-3)
+            assert mid.abs().max() <= 1e-3 * widest
     # batch norm -> ReLU -> convolution inputs are closer in range than they were
     conv = eq.features.denseblock3.denselayer10.conv1
     orig = model.features.denseblock3.denselayer10.conv1

@@ -279,11 +279,12 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     assert out.extra["equalized_layers"] == 180   # rescaled first (tests/test_equalize.py)
     assert any(e.stage == "calibrate" and e.kind == "batch" for e in events)
     file_bytes = len(quant_ort.tensor_to_bytes(out.state["onnx"]))
-    # exported as a running concatenation, ONNX Runtime dequantizes each convolution's output once (with
-    # torchvision's list-of-features blocks: once per later layer, 598 DequantizeLinear for 120 convs)
+    # its 62 batch norms (before a ReLU: nothing folds them) run as int8 depthwise convolutions, and the
+    # running concatenations join int8 tensors: nothing is dequantized between the stem and the classifier
+    # (before: 572 nodes, 107 DequantizeLinear and 90 layout transposes)
     ops = _optimized_ops(quant_ort.tensor_to_bytes(out.state["onnx"]))
-    assert ops["QLinearConv"] == 120 and ops["DequantizeLinear"] <= 130
-    # its batch norms (before ReLU: nothing folds them) are stored as scale and shift only
+    assert ops["QLinearConv"] == 120 + 62 and ops["QLinearConcat"] == 58
+    assert ops["DequantizeLinear"] <= 2 and ops["BatchNormalization"] == 0 and sum(ops.values()) < 300
     assert out.extra["fp32_file_bytes"] / file_bytes >= 3.8
     x = shapes.test_x[:N_LOGITS]
     ref = predict_logits(teacher.model, shapes, x)
@@ -309,8 +310,24 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     kxk = quant_ort.fp32_nodes(dense, ("1x1-kxk",))
     assert len(kxk) == 16 and set(kxk) < set(tiny)
     assert quant_ort.fp32_nodes(dense, ()) == []
-    assert quantization.resolve_fp32_layers("auto", "densenet121") == "edges+1x1"
-    assert quantization.resolve_fp32_layers("auto", "resnet50") == "classifier"
+    assert quantization.resolve_fp32_layers("auto", "densenet121") == ("edges", "edges+1x1")
+    assert quantization.resolve_fp32_layers("auto", "resnet50") == ("classifier",)
+    assert quantization.resolve_fp32_layers("edges", "densenet121") == ("edges",)   # a choice is kept
+
+
+@pytest.mark.parametrize("threshold, kept", [(0.0, "none"), (1.01, "classifier")])
+def test_auto_fp32_layers_falls_back_when_int8_disagrees(r34, shapes, spec, monkeypatch, threshold, kept):
+    monkeypatch.setitem(quantization.AUTO_FP32_LAYERS, "resnet34", ("none", "classifier"))
+    monkeypatch.setattr(quantization, "AUTO_MIN_AGREEMENT", threshold)
+    events = []
+    out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 32}, progress=events.append)
+    assert out.extra["fp32_layers"] == kept
+    tried = out.extra["fp32_layers_agreement"]
+    assert list(tried) == ["none", "classifier"][:2 if threshold > 1 else 1]
+    assert out.extra["calibration_argmax_agreement"] == tried[kept]
+    said = [e.message for e in events if e.kind == "message" and "keeping more layers in fp32" in e.message]
+    assert len(said) == (1 if threshold > 1 else 0)
+    assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] - (kept == "classifier")
 
 
 def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
@@ -364,7 +381,7 @@ def _optimized_ops(onnx_bytes: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         so = quant_ort.session_options(1)
         so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+        quant_ort.new_session(onnx_bytes, so)
         return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
@@ -410,6 +427,47 @@ def test_slim_batch_norms_computes_the_same_with_half_the_floats():
         None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert np.allclose(out, model(x).numpy(), atol=1e-5)
+
+
+def test_batch_norms_before_relu_become_depthwise_convolutions_with_the_same_outputs():
+    import onnx
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    bn = model[2]
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(-1.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)   # negative gammas too
+    fp32 = quant_ort.export_onnx(model.eval())
+    dw = onnx.load_from_string(quant_ort.depthwise_batch_norms(fp32))
+    onnx.checker.check_model(dw)
+    ops = [n.op_type for n in dw.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 3
+    conv = next(n for n in dw.graph.node if any(a.name == "group" and a.i == 8 for a in n.attribute))
+    assert [list(t.dims) for t in dw.graph.initializer if t.name == conv.input[1]] == [[8, 1, 1, 1]]
+    x = torch.randn(4, 3, 32, 32)
+    out = ort.InferenceSession(dw.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(out, model(x).numpy(), atol=1e-5)
+    assert quant_ort.depthwise_batch_norms(dw.SerializeToString()) == dw.SerializeToString()   # nothing left
+
+
+def test_slim_quant_params_same_session_fewer_bytes(r34, shapes, monkeypatch):
+    import onnx
+    from core.techniques.base import calibration_images
+    fp32 = quant_ort.export_onnx(r34.model)
+    images = calibration_images(shapes, 32)
+    slimmed = quant_ort.quantize_int8(fp32, images, keep_fp32=("classifier",))
+    monkeypatch.setattr(quant_ort, "slim_quant_params", lambda model: 0)
+    full = quant_ort.quantize_int8(fp32, images, keep_fp32=("classifier",))
+    # ResNet-34: every conv's bias scale (input scale x weight scale) and zero weight zero points
+    assert len(slimmed) < len(full) - 40_000
+    ops = {n.op_type for n in onnx.load_from_string(slimmed).graph.node}
+    assert {"ConstantOfShape", "Mul"} <= ops
+    assert _optimized_ops(slimmed) == _optimized_ops(full)   # folded back when the session loads
+    xs = np.ascontiguousarray(shapes.normalize(shapes.test_x[:8]).float().numpy())
+    a, b = (quant_ort.new_session(x, quant_ort.session_options(1)).run(None, {"input": xs})[0] for x in (slimmed, full))
+    assert np.array_equal(a, b)
 
 
 def test_auto_calibration_per_architecture_and_percentile_with_a_partial_batch(r34, shapes, spec):

@@ -12,8 +12,9 @@ fell to chance (docs/bench_quantization.md, session 10). Two rescalings fix much
   s_c = (activation range / weight range) ** INPUT_POWER, so that the wide channels shrink without
   crushing the per-output-channel int8 weights;
 - outputs: every convolution that writes features into a concatenation (growth layers and
-  transitions) centres each channel on the middle of its range and scales it to the widest
-  channel's range; every batch norm that reads the channel undoes both (mean and gamma).
+  transitions) centres each channel on the middle of its range and scales it to the range of the
+  concatenation's widest channel (once batch norms run as int8 convolutions, the concatenation is an
+  int8 tensor with one scale); every batch norm that reads the channel undoes both (mean and gamma).
 """
 from __future__ import annotations
 
@@ -120,10 +121,12 @@ def equalize_densenet(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module
             changed += 1
         # then outputs, measured on the original model (rescaling inputs changed no output)
         for writers, readers in groups:
+            # one range for the whole concatenation: int8 gives it one scale (QLinearConcat)
+            widest = max(float((omax[id(c)] - omin[id(c)]).max()) / 2 for c, _ in writers)
             for conv, first in writers:
                 lo, hi = omin[id(conv)], omax[id(conv)]
                 mid, half = (lo + hi) / 2, ((hi - lo) / 2).clamp_min(1e-12)
-                s = (half / half.max()).clamp_min(MIN_SCALE)
+                s = (half / max(widest, 1e-12)).clamp_min(MIN_SCALE)
                 conv.weight /= s.view(-1, 1, 1, 1)
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(s)
                 conv.bias = nn.Parameter((bias - mid) / s)
