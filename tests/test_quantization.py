@@ -327,6 +327,7 @@ def test_auto_fp32_layers_falls_back_when_int8_disagrees(r34, shapes, spec, monk
     assert out.extra["calibration_argmax_agreement"] == tried[kept]
     said = [e.message for e in events if e.kind == "message" and "keeping more layers in fp32" in e.message]
     assert len(said) == (1 if threshold > 1 else 0)
+    assert sum("fp32 layers auto" in n for n in out.notes) == len(said)   # the result says why
     assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] - (kept == "classifier")
 
 

@@ -235,6 +235,10 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         extra["fp32_layers"] = kept
         if len(candidates) > 1:
             extra["fp32_layers_agreement"] = tried
+        if len(tried) > 1:
+            notes.append(f"fp32 layers auto: with {candidates[0]} in fp32 the int8 model agreed with fp32 on only "
+                         f"{tried[candidates[0]]:.0%} of the calibration images, so {kept} stayed in fp32 "
+                         "(more accurate, slower)")
         extra.update(quantized=True, calibration_argmax_agreement=agree, **quant_ort.onnx_summary(int8_onnx))
         if agree < 0.9:
             notes.append(f"int8 predictions agree with fp32 on only {agree:.0%} of the calibration images")
