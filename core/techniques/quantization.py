@@ -26,7 +26,7 @@ from ..errors import LabError
 from ..models import build_model
 from ..progress import emit
 from ..training import bf16_training_supported
-from . import bn_correction, equalize, quant_fake, quant_ort
+from . import bn_correction, equalize, qat, quant_fake, quant_ort
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, calibration_images
 
@@ -63,6 +63,14 @@ PARAMS = [
               help="int8 mode, DenseNets: before quantizing, rescale channels (the same model in fp32) so that one "
                    "int8 scale per tensor fits them all: equalize batch norm -> convolution pairs and centre and "
                    "scale the features written into concatenations (docs/bench_quantization.md, session 10)"),
+    ParamSpec("qat_epochs", "int", 0, 0, 20, step=1,
+              help="int8 mode: epochs of quantization-aware fine-tuning before converting (activations rounded "
+                   "to 8 bits in training, core/techniques/qat.py): for models that lose too much in int8; "
+                   "costs training time"),
+    ParamSpec("qat_lr", "float", 0.005, 1e-5, 1.0, step=0.001,
+              help="int8 mode: peak learning rate of quantization-aware fine-tuning"),
+    ParamSpec("qat_subset", "int", 0, 0, 1_000_000, step=500,
+              help="int8 mode: training images per epoch of quantization-aware fine-tuning (0 = all)"),
     ParamSpec("fp32_layers", "choice", "auto", choices=tuple(FP32_LAYERS) + ("auto",),
               help="int8 mode: layers left in fp32 (their weights are still stored as int8): classifier = the "
                    "logits layer; edges = also the first convolution; +1x1-kxk also the 3×3 convolutions on 1×1 "
@@ -95,7 +103,9 @@ def _normalise(p: dict) -> None:
     if mode != "fake":
         ignored |= {"bits", "activations", "act_bits", "bn_correction"}
     if mode != "int8":
-        ignored |= {"calibration", "fp32_layers", "equalize"}
+        ignored |= {"calibration", "fp32_layers", "equalize", "qat_epochs", "qat_lr", "qat_subset"}
+    if mode == "int8" and p["qat_epochs"] == 0:
+        ignored |= {"qat_lr", "qat_subset"}
     if mode in ("fp16", "bf16"):
         ignored |= {"granularity", "calibration_images"}
     if mode == "fake" and not p["activations"]:
@@ -210,15 +220,22 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
     extra["calibration_images"] = len(images)
     emit(ctx.progress, stage="calibrate", kind="message",
          message=f"calibrating int8 activation ranges on {len(images)} training images")
-    notes = []
+    notes, history = [], []
+    source, extra["equalized_layers"] = equalize.equalize_densenet(model, images) if p["equalize"] else (model, 0)
+    if extra["equalized_layers"]:
+        emit(ctx.progress, stage="quantize", kind="message",
+             message=f"equalized {extra['equalized_layers']} layers for one int8 scale per tensor")
+    if p["qat_epochs"]:
+        emit(ctx.progress, stage="quantize", kind="message",
+             message=f"fine-tuning {p['qat_epochs']} epochs with activations rounded to 8 bits")
+        history = qat.finetune(source, ctx, images, p["qat_epochs"], p["qat_lr"], p["qat_subset"])
+        extra["qat_epochs"] = p["qat_epochs"]
     try:
         calib = extra["calibration"] = resolve_calibration(p["calibration"], _arch(ctx)[0])
         method, pct = ("minmax", None) if calib == "minmax" else ("percentile", float(calib[1:]))
-        source, extra["equalized_layers"] = equalize.equalize_densenet(model, images) if p["equalize"] else (model, 0)
-        if extra["equalized_layers"]:
-            emit(ctx.progress, stage="quantize", kind="message",
-                 message=f"equalized {extra['equalized_layers']} layers for one int8 scale per tensor")
-        source_onnx = quant_ort.export_onnx(source) if source is not model else fp32_onnx
+        source_onnx = quant_ort.export_onnx(source) if source is not model or history else fp32_onnx
+        # after fine-tuning, int8 is to be faithful to the fine-tuned fp32 model, not to the teacher
+        reference = quant_ort.OrtModule(source_onnx, "fp32") if history else baseline
         candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
         tried = {}
         for kept in candidates:
@@ -226,7 +243,7 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
                                                 ctx.progress, method=method, percentile=pct,
                                                 keep_fp32=FP32_LAYERS[kept])
             qmodel = quant_ort.OrtModule(int8_onnx, "int8")
-            agree = tried[kept] = _agreement(qmodel, baseline, images[:256])
+            agree = tried[kept] = _agreement(qmodel, reference, images[:256])
             if agree >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
                 break
             emit(ctx.progress, stage="quantize", kind="message",
@@ -251,7 +268,7 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         state = {"format": "onnx", "precision": "fp32", "onnx": quant_ort.bytes_to_tensor(fp32_onnx)}
     extra["fp32_onnx_bytes"] = len(fp32_onnx)
     return TechniqueOutput(model=qmodel, state=state, eval_device="cpu", runtime=quant_ort.RUNTIME,
-                           baseline_model=baseline, extra=extra, notes=notes, **counts)
+                           baseline_model=baseline, extra=extra, notes=notes, history=history, **counts)
 
 
 def resolve_calibration(choice: str, arch: str) -> str:
@@ -367,6 +384,6 @@ SPEC = register(TechniqueSpec(
     # 6: DenseNet also its 1x1-map block (cheap once sessions cut 1x1-map convolutions to their centre tap)
     # 7: DenseNets equalized before int8 (equalize.equalize_densenet); 8: DenseNet's auto calibration p99.9
     # 9: ReLUs folded into int8 outputs, batch norms as int8 depthwise convolutions, DenseNet's auto fp32
-    # layers chosen by calibration agreement
+    # layers chosen by calibration agreement, quantization-aware fine-tuning (qat_epochs)
     version=9,
 ))
