@@ -16,7 +16,12 @@ from pages import _shared as sh
 
 
 def needs_training(spec, params: dict) -> bool:
-    """Whether these settings train (fine-tuning, distillation): then runs take minutes, not seconds."""
+    """Whether these settings train (fine-tuning, distillation): then runs take minutes, not seconds.
+    Epochs that the chosen mode ignores (quantize's qat_epochs outside int8) do not count."""
+    try:
+        params = spec.validate(params)
+    except LabError:
+        pass
     return any(p.kind == "int" and p.name.endswith("epochs") and params.get(p.name, 0) > 0 for p in spec.params)
 
 

@@ -63,3 +63,11 @@ def test_int8_with_qat_reports_history_and_stays_faithful_to_the_finetuned_model
     # a mode that does not fine-tune ignores the QAT settings (one cache entry for equal work)
     assert spec.validate({"mode": "int8", "qat_lr": 0.1})["qat_lr"] == 0.005
     assert spec.validate({"mode": "fake", "qat_epochs": 3})["qat_epochs"] == 0
+
+
+def test_the_app_waits_for_run_only_when_qat_really_trains():
+    from pages._technique import needs_training
+    spec = get_technique("quantize")
+    assert needs_training(spec, {"mode": "int8", "qat_epochs": 2})
+    assert not needs_training(spec, {"mode": "fake", "qat_epochs": 2})   # ignored outside int8
+    assert not needs_training(spec, {"mode": "int8"})
