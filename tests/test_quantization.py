@@ -406,30 +406,6 @@ def test_densenet_exports_as_a_running_concatenation_with_the_same_outputs():
     assert type(model.features.denseblock1).__name__ == "_DenseBlock"
 
 
-def test_slim_batch_norms_computes_the_same_with_half_the_floats():
-    import onnx
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1),
-                                torch.nn.BatchNorm2d(4))
-    for bn in (model[1], model[3], model[6]):   # trained-looking statistics, not the identity
-        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
-        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
-    fp32 = onnx.load_from_string(quant_ort.export_onnx(model.eval()))
-    ops = [n.op_type for n in fp32.graph.node]
-    assert ops.count("BatchNormalization") == 1     # only the one before a ReLU survives export folding
-    floats_before = sum(math.prod(t.dims) for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
-    assert quant_ort.slim_batch_norms(fp32) == 1
-    floats_after = sum(math.prod(t.dims) for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
-    assert floats_before - floats_after == 2 * 8
-    onnx.checker.check_model(fp32)
-    x = torch.randn(4, 3, 32, 32)
-    out = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x.numpy()})[0]
-    with torch.no_grad():
-        assert np.allclose(out, model(x).numpy(), atol=1e-5)
-
-
 def test_batch_norms_before_relu_become_depthwise_convolutions_with_the_same_outputs():
     import onnx
     torch.manual_seed(0)

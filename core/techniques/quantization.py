@@ -25,7 +25,7 @@ from .. import metrics
 from ..errors import LabError
 from ..models import build_model
 from ..progress import emit
-from ..training import bf16_training_supported
+from ..training import bf16_training_supported, evaluate_accuracy
 from . import bn_correction, equalize, qat, quant_fake, quant_ort
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, calibration_images
@@ -236,6 +236,8 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         source_onnx = quant_ort.export_onnx(source) if source is not model or history else fp32_onnx
         # after fine-tuning, int8 is to be faithful to the fine-tuned fp32 model, not to the teacher
         reference = quant_ort.OrtModule(source_onnx, "fp32") if history else baseline
+        if history:   # what fine-tuning alone did, on the images the result is measured on
+            extra["qat_fp32_accuracy"] = evaluate_accuracy(reference, ctx.data, *ctx.data.eval_split(ctx.eval_size))
         candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
         tried = {}
         for kept in candidates:
@@ -377,7 +379,7 @@ SPEC = register(TechniqueSpec(
     apply=apply,
     load=load,
     check=_normalise,
-    # 2: int8 files store batch norms as scale and shift (quant_ort.slim_batch_norms);
+    # 2: int8 files store batch norms as scale and shift (since 9: as int8 depthwise convolutions);
     # 3: DenseNets exported as a running concatenation (quant_ort._RunningConcatDenseBlock);
     # 4: fake mode corrects batch-norm statistics (bn_correction);
     # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32;
