@@ -222,16 +222,8 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
     extra["calibration_images"] = len(images)
     emit(ctx.progress, stage="calibrate", kind="message",
          message=f"calibrating int8 activation ranges on {len(images)} training images")
-    notes, history = [], []
-    source, extra["equalized_layers"] = equalize.equalize_densenet(model, images) if p["equalize"] else (model, 0)
-    if extra["equalized_layers"]:
-        emit(ctx.progress, stage="quantize", kind="message",
-             message=f"equalized {extra['equalized_layers']} layers for one int8 scale per tensor")
-    if p["qat_epochs"]:
-        emit(ctx.progress, stage="quantize", kind="message",
-             message=f"fine-tuning {p['qat_epochs']} epochs with activations rounded to 8 bits")
-        history = qat.finetune(source, ctx, images, p["qat_epochs"], p["qat_lr"], p["qat_subset"])
-        extra["qat_epochs"] = p["qat_epochs"]
+    source, history = _int8_source(ctx, p, model, images, extra)
+    notes = []
     try:
         calib = extra["calibration"] = resolve_calibration(p["calibration"], _arch(ctx)[0])
         method, pct = ("minmax", None) if calib == "minmax" else ("percentile", float(calib[1:]))
@@ -240,31 +232,8 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         reference = quant_ort.OrtModule(source_onnx, "fp32") if history else baseline
         if history:   # what fine-tuning alone did, on the images the result is measured on
             extra["qat_fp32_accuracy"] = evaluate_accuracy(reference, ctx.data, *ctx.data.eval_split(ctx.eval_size))
-        candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
-        tried, made = {}, {}
-        for kept in candidates:
-            int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
-                                                ctx.progress, method=method, percentile=pct,
-                                                keep_fp32=FP32_LAYERS[kept])
-            qmodel = quant_ort.OrtModule(int8_onnx, "int8")
-            agree = tried[kept] = _agreement(qmodel, reference, images[:256])
-            made[kept] = int8_onnx, qmodel
-            if agree >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
-                break
-            emit(ctx.progress, stage="quantize", kind="message",
-                 message=f"int8 with {kept} layers in fp32 agrees with fp32 on {agree:.0%} of the calibration "
-                         "images: keeping more layers in fp32")
-        if agree < AUTO_MIN_AGREEMENT:   # none good enough: the most faithful (ties: more in fp32)
-            kept = max(reversed(list(tried)), key=tried.get)
-            int8_onnx, qmodel = made[kept]
-            agree = tried[kept]
-        extra["fp32_layers"] = kept
-        if len(candidates) > 1:
-            extra["fp32_layers_agreement"] = tried
-        if kept != candidates[0]:
-            notes.append(f"fp32 layers auto: with {candidates[0]} in fp32 the int8 model agreed with fp32 on only "
-                         f"{tried[candidates[0]]:.0%} of the calibration images, so {kept} stayed in fp32 "
-                         f"({tried[kept]:.0%}; more accurate, slower)")
+        int8_onnx, qmodel, agree = _convert_choosing_fp32_layers(ctx, p, source_onnx, images, reference,
+                                                                 (method, pct), extra, notes)
         extra.update(quantized=True, calibration_argmax_agreement=agree, **quant_ort.onnx_summary(int8_onnx))
         if agree < 0.9:
             notes.append(f"int8 predictions agree with fp32 on only {agree:.0%} of the calibration images")
@@ -278,6 +247,52 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
     extra["fp32_onnx_bytes"] = len(fp32_onnx)
     return TechniqueOutput(model=qmodel, state=state, eval_device="cpu", runtime=quant_ort.RUNTIME,
                            baseline_model=baseline, extra=extra, notes=notes, history=history, **counts)
+
+
+def _int8_source(ctx: Context, p: dict, model: nn.Module, images: torch.Tensor, extra: dict):
+    """The fp32 model int8 is made from: `model` equalized (DenseNets) and, with qat_epochs, fine-tuned
+    with rounded activations (in place: `model` is the teacher's copy); and the fine-tuning history."""
+    source, extra["equalized_layers"] = equalize.equalize_densenet(model, images) if p["equalize"] else (model, 0)
+    if extra["equalized_layers"]:
+        emit(ctx.progress, stage="quantize", kind="message",
+             message=f"equalized {extra['equalized_layers']} layers for one int8 scale per tensor")
+    history = []
+    if p["qat_epochs"]:
+        emit(ctx.progress, stage="quantize", kind="message",
+             message=f"fine-tuning {p['qat_epochs']} epochs with activations rounded to 8 bits")
+        history = qat.finetune(source, ctx, images, p["qat_epochs"], p["qat_lr"], p["qat_subset"])
+        extra["qat_epochs"] = p["qat_epochs"]
+    return source, history
+
+
+def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, images: torch.Tensor,
+                                  reference: nn.Module, calibration: tuple, extra: dict, notes: list):
+    """(int8 bytes, its module, its calibration agreement with `reference`) for the first fp32-layer
+    candidate that agrees well enough (AUTO_FP32_LAYERS), else the most faithful one tried."""
+    method, pct = calibration
+    candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
+    tried, made = {}, {}
+    for kept in candidates:
+        int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
+                                            ctx.progress, method=method, percentile=pct,
+                                            keep_fp32=FP32_LAYERS[kept])
+        made[kept] = int8_onnx, quant_ort.OrtModule(int8_onnx, "int8")
+        tried[kept] = _agreement(made[kept][1], reference, images[:256])
+        if tried[kept] >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
+            break
+        emit(ctx.progress, stage="quantize", kind="message",
+             message=f"int8 with {kept} layers in fp32 agrees with fp32 on {tried[kept]:.0%} of the calibration "
+                     "images: keeping more layers in fp32")
+    if tried[kept] < AUTO_MIN_AGREEMENT:   # none good enough: the most faithful (ties: more in fp32)
+        kept = max(reversed(list(tried)), key=tried.get)
+    extra["fp32_layers"] = kept
+    if len(candidates) > 1:
+        extra["fp32_layers_agreement"] = tried
+    if kept != candidates[0]:
+        notes.append(f"fp32 layers auto: with {candidates[0]} in fp32 the int8 model agreed with fp32 on only "
+                     f"{tried[candidates[0]]:.0%} of the calibration images, so {kept} stayed in fp32 "
+                     f"({tried[kept]:.0%}; more accurate, slower)")
+    return *made[kept], tried[kept]
 
 
 def resolve_calibration(choice: str, arch: str) -> str:
