@@ -131,3 +131,22 @@ def calibration_images(data, n: int, seed: int = 7) -> torch.Tensor:
     n = min(int(n), len(data.train_y))
     idx = stratified_subset(data.train_y, n, seed=seed)
     return data.normalize(data.train_x[idx]).contiguous()
+
+
+def observe(model: nn.Module, modules, images: torch.Tensor, *, pre_hook=None, hook=None, batch: int = 64) -> None:
+    """One pass of `model` (the caller puts it in eval mode) over `images`, in batches without gradients, with
+    `pre_hook(module, inputs)` and/or `hook(module, inputs, output)` on each of `modules`, removed afterwards:
+    how calibration reads activations."""
+    handles = []
+    for m in modules:
+        if pre_hook is not None:
+            handles.append(m.register_forward_pre_hook(pre_hook))
+        if hook is not None:
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                model(images[i:i + batch].float())
+    finally:
+        for h in handles:
+            h.remove()

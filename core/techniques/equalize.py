@@ -23,6 +23,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from .base import observe
+
 # 0.125 measured best of 0 / 0.125 / 0.25 / 0.5 / 1.0 on the Shapes DenseNet-121 (int8, edges+1x1):
 # larger powers move the spread into the weights, whose int8 rows then lose their small columns
 INPUT_POWER = 0.125
@@ -86,14 +88,7 @@ def _channel_ranges(model: nn.Module, images: torch.Tensor, convs_in, convs_out,
             o = out.detach().transpose(0, 1).flatten(1)
             keep(omin, id(mod), o.amin(1), torch.minimum)
             keep(omax, id(mod), o.amax(1), torch.maximum)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in convs_in | convs_out]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                model(images[i:i + batch].float())
-    finally:
-        for h in handles:
-            h.remove()
+    observe(model, [m for m in model.modules() if id(m) in convs_in | convs_out], images, hook=hook, batch=batch)
     return amax, omin, omax
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..training import TrainConfig, fit, training_precision
+from .base import observe
 from .quant_fake import quantizable_layers
 
 RANGE_QUANTILE = 0.9995     # clip 0.05% on each side, as ONNX Runtime's p99.9 calibration does
@@ -48,15 +49,7 @@ def input_ranges(model: nn.Module, modules: list[nn.Module], images: torch.Tenso
         x = inputs[0].detach().float().flatten()
         pick = torch.randint(len(x), (min(len(x), SAMPLES_PER_BATCH),), generator=gen)
         samples[id(mod)].append(x[pick])
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                model(images[i:i + batch].float())
-    finally:
-        for h in handles:
-            h.remove()
+    observe(model.eval(), modules, images, pre_hook=hook, batch=batch)
     ranges = {}
     for key, parts in samples.items():
         if parts:
