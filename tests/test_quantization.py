@@ -309,8 +309,14 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     # only the 3x3 ones among them (the conv2 of each dense layer; sessions run them as 1x1)
     kxk = quant_ort.fp32_nodes(dense, ("1x1-kxk",))
     assert len(kxk) == 16 and set(kxk) < set(tiny)
+    # maps of 2x2 or less: also denseblock3's 24 layers and transition3 (2x2 before its pooling)
+    small = quant_ort.fp32_nodes(dense, ("2x2",))
+    assert set(tiny) < set(small) and len(small) == 32 + 48 + 1
+    assert all(n.split("/")[2] in ("denseblock3", "denseblock4", "transition3") for n in small)
+    pooled = quant_ort.fp32_nodes(dense, ("pooled",))
+    assert [n.split("/")[2] for n in pooled] == ["transition1", "transition2", "transition3"]
     assert quant_ort.fp32_nodes(dense, ()) == []
-    assert quantization.resolve_fp32_layers("auto", "densenet121") == ("edges", "edges+1x1")
+    assert quantization.resolve_fp32_layers("auto", "densenet121") == ("edges", "edges+1x1", "edges+2x2+pooled")
     assert quantization.resolve_fp32_layers("auto", "resnet50") == ("classifier",)
     assert quantization.resolve_fp32_layers("edges", "densenet121") == ("edges",)   # a choice is kept
 

@@ -43,7 +43,10 @@ QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Relu"]
 # (at 32x32 input: DenseNet-121's denseblock4, the ResNets' layer4); "1x1-kxk" - only those of them with a
 # k x k kernel on a 1x1 input, which sessions run as 1x1 (`centre_taps`). Their weights are still stored
 # as int8 (`store_weights_int8`) and expanded to fp32 when a session is made (`expand_stored_weights`).
-KEEP_FP32_RULES = ("first", "classifier", "1x1", "1x1-kxk")
+# "2x2" - convolutions whose output maps have at most 4 positions (DenseNet-121's denseblock3 and 4,
+# transition3); "pooled" - convolutions read only by an average pooling (DenseNet's transitions, which
+# write the features every layer of the next dense block reads).
+KEEP_FP32_RULES = ("first", "classifier", "1x1", "1x1-kxk", "2x2", "pooled")
 
 
 def session_options(threads: int):
@@ -337,12 +340,19 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
               for v in list(g.value_info) + list(g.output) + list(g.input)}
     ops = [n for n in g.node if n.op_type in QUANTIZED_OPS]
     inputs, outputs = {v.name for v in g.input}, {v.name for v in g.output}
+    readers: dict[str, list[str]] = {}
+    for n in g.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n.op_type)
     keep = []
     for n in ops:
         shape = shapes.get(n.output[0], [])
+        conv_map = shape[2] * shape[3] if n.op_type == "Conv" and len(shape) == 4 and all(shape[2:]) else None
         if (("first" in rules and n.input[0] in inputs)
                 or ("classifier" in rules and n.output[0] in outputs)
-                or ("1x1" in rules and n.op_type == "Conv" and len(shape) == 4 and shape[2:] == [1, 1])
+                or ("1x1" in rules and conv_map == 1)
+                or ("2x2" in rules and conv_map is not None and conv_map <= 4)
+                or ("pooled" in rules and n.op_type == "Conv" and readers.get(n.output[0]) == ["AveragePool"])
                 or ("1x1-kxk" in rules and n.op_type == "Conv" and shapes.get(n.input[0], [])[2:] == [1, 1]
                     and any(a.name == "kernel_shape" and max(a.ints) > 1 for a in n.attribute))):
             keep.append(n.name)
