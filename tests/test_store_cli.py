@@ -105,6 +105,17 @@ def test_a_flag_two_techniques_share_is_one_flag_for_both():
     assert compress_cmd.params_from_args(parser.parse_args(["compress", "--technique", "prune"])) == {}
 
 
+def test_every_command_prints_its_help(capsys):
+    from core.cli import build_parser
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices   # argparse keeps them nowhere public
+    assert {"train", "compress", "sweep", "prepare", "info"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()   # a stray "%" in a registry help text used to break `compress --help`
+        assert name in text and "--" in text
+    assert "90% of the calibration images" in commands["compress"].format_help()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--dataset", "imagenet"], "unknown dataset"),
     (["train", "--model", "resnet9000"], "unknown teacher"),

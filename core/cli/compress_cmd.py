@@ -23,7 +23,7 @@ def register(sub):
             if owners[spec.name][0] != tech:
                 continue   # a parameter several techniques share is one flag, listed under the first
             shared = f"; {', '.join(owners[spec.name])}" if len(owners[spec.name]) > 1 else ""
-            g.add_argument(f"--{spec.name.replace('_', '-')}", help=f"{spec.help} (default {spec.default}{shared})",
+            g.add_argument(f"--{spec.name.replace('_', '-')}", help=f"{spec.help} (default {spec.default}{shared})".replace("%", "%%"),
                            **_arg_options(spec))
     p.add_argument("--eval-size", type=int_range(0), default=1000, help="test images (0 = the full test set)")
     p.set_defaults(handler=run)
