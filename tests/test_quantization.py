@@ -315,6 +315,10 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     assert all(n.split("/")[2] in ("denseblock3", "denseblock4", "transition3") for n in small)
     pooled = quant_ort.fp32_nodes(dense, ("pooled",))
     assert [n.split("/")[2] for n in pooled] == ["transition1", "transition2", "transition3"]
+    # as quantize_int8 sees it (batch norms as depthwise convolutions): each transition's norm too
+    dw = onnx.load_from_string(quant_ort.depthwise_batch_norms(dense.SerializeToString()))
+    chains = quant_ort.fp32_nodes(dw, ("pooled",))
+    assert len(chains) == 6 and set(pooled) < set(chains) and all("/norm/" in n for n in set(chains) - set(pooled))
     assert quant_ort.fp32_nodes(dense, ()) == []
     assert quantization.resolve_fp32_layers("auto", "densenet121") == ("edges", "edges+1x1", "edges+2x2+pooled")
     assert quantization.resolve_fp32_layers("auto", "resnet50") == ("classifier",)

@@ -44,8 +44,9 @@ QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Relu"]
 # k x k kernel on a 1x1 input, which sessions run as 1x1 (`centre_taps`). Their weights are still stored
 # as int8 (`store_weights_int8`) and expanded to fp32 when a session is made (`expand_stored_weights`).
 # "2x2" - convolutions whose output maps have at most 4 positions (DenseNet-121's denseblock3 and 4,
-# transition3); "pooled" - convolutions read only by an average pooling (DenseNet's transitions, which
-# write the features every layer of the next dense block reads).
+# transition3); "pooled" - the convolutions of a chain that only feeds an average pooling (DenseNet's
+# transitions: batch norm as depthwise convolution, ReLU, 1x1 convolution; they write the features every
+# layer of the next dense block reads).
 KEEP_FP32_RULES = ("first", "classifier", "1x1", "1x1-kxk", "2x2", "pooled")
 
 
@@ -340,10 +341,7 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
               for v in list(g.value_info) + list(g.output) + list(g.input)}
     ops = [n for n in g.node if n.op_type in QUANTIZED_OPS]
     inputs, outputs = {v.name for v in g.input}, {v.name for v in g.output}
-    readers: dict[str, list[str]] = {}
-    for n in g.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n.op_type)
+    pooled = _pooled_chains(g) if "pooled" in rules else set()
     keep = []
     for n in ops:
         shape = shapes.get(n.output[0], [])
@@ -352,11 +350,31 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
                 or ("classifier" in rules and n.output[0] in outputs)
                 or ("1x1" in rules and conv_map == 1)
                 or ("2x2" in rules and conv_map is not None and conv_map <= 4)
-                or ("pooled" in rules and n.op_type == "Conv" and readers.get(n.output[0]) == ["AveragePool"])
+                or n.name in pooled
                 or ("1x1-kxk" in rules and n.op_type == "Conv" and shapes.get(n.input[0], [])[2:] == [1, 1]
                     and any(a.name == "kernel_shape" and max(a.ints) > 1 for a in n.attribute))):
             keep.append(n.name)
     return keep
+
+
+def _pooled_chains(g) -> set[str]:
+    """Names of the convolutions on single-reader Conv/ReLU chains that end in an AveragePool."""
+    producers = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    found = set()
+    for n in g.node:
+        if n.op_type != "AveragePool":
+            continue
+        t = n.input[0]
+        while t in producers and producers[t].op_type in ("Conv", "Relu") and readers.get(t) == 1:
+            p = producers[t]
+            if p.op_type == "Conv":
+                found.add(p.name)
+            t = p.input[0]
+    return found
 
 
 def _weight_axis(node) -> int | None:
