@@ -345,6 +345,19 @@ def test_auto_fp32_layers_falls_back_when_int8_disagrees(r34, shapes, spec, monk
     assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] - (kept == "classifier")
 
 
+def test_fp32_layer_candidates_share_one_calibration(r34, shapes, tmp_path):
+    fp32 = quant_ort.export_onnx(r34.model)
+    images = calibration_images(shapes, 32)
+    cache = str(tmp_path / "ranges.json")
+    first = quant_ort.quantize_int8(fp32, images, calibration_cache=cache)
+    assert (tmp_path / "ranges.json").is_file()
+    # the next candidate reads its ranges from the file: images it would calibrate differently change nothing
+    again = quant_ort.quantize_int8(fp32, images * 3, keep_fp32=("classifier",), calibration_cache=cache)
+    assert again == quant_ort.quantize_int8(fp32, images, keep_fp32=("classifier",))
+    assert again != quant_ort.quantize_int8(fp32, images * 3, keep_fp32=("classifier",))
+    assert first != again
+
+
 def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
     import onnx
     fp32 = quant_ort.export_onnx(r34.model)

@@ -629,12 +629,15 @@ def _named(path: str):
 
 def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: bool = True,
                   progress: ProgressFn = None, method: str = CALIB_METHOD,
-                  percentile: float | None = None, keep_fp32=()) -> bytes:
+                  percentile: float | None = None, keep_fp32=(), calibration_cache: str | None = None) -> bytes:
     """Static int8 QDQ model: int8 weights (symmetric), uint8 activations with calibrated ranges.
 
     method "percentile" clips each activation range at the CALIB_PERCENTILE-th percentile of
     |x| (outliers would otherwise stretch the 256 levels); "minmax" keeps the full range.
     keep_fp32: KEEP_FP32_RULES naming layers left in fp32.
+    calibration_cache: a file for the activation ranges, written by the first call and read by the next
+    ones on the same model, images and method (ONNX Runtime calibrates every tensor of QUANTIZED_OPS
+    whatever keep_fp32 leaves out, so trying several fp32-layer choices calibrates once).
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)
@@ -668,7 +671,8 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=calib[0],
                                 op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
-                                extra_options={**STRIDED.get(method, {}), **calib[1]})
+                                extra_options={**STRIDED.get(method, {}), **calib[1]},
+                                calibration_cache_path=calibration_cache)
             model = onnx.load(dst)
             store_weights_int8(model, set(excluded))
             return compact(model.SerializeToString())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -277,17 +278,19 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
     method, pct = calibration
     candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
     tried, made = {}, {}
-    for kept in candidates:
-        int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
-                                            ctx.progress, method=method, percentile=pct,
-                                            keep_fp32=FP32_LAYERS[kept])
-        made[kept] = int8_onnx, quant_ort.OrtModule(int8_onnx, "int8")
-        tried[kept] = _agreement(made[kept][1], reference, images[:256])
-        if tried[kept] >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
-            break
-        emit(ctx.progress, stage="quantize", kind="message",
-             message=f"int8 with {kept} layers in fp32 agrees with fp32 on {tried[kept]:.0%} of the calibration "
-                     "images: keeping more layers in fp32")
+    with tempfile.TemporaryDirectory(prefix="lab-ranges-") as tmp:   # one calibration for every candidate
+        for kept in candidates:
+            int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
+                                                ctx.progress, method=method, percentile=pct,
+                                                keep_fp32=FP32_LAYERS[kept],
+                                                calibration_cache=os.path.join(tmp, "ranges.json"))
+            made[kept] = int8_onnx, quant_ort.OrtModule(int8_onnx, "int8")
+            tried[kept] = _agreement(made[kept][1], reference, images[:256])
+            if tried[kept] >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
+                break
+            emit(ctx.progress, stage="quantize", kind="message",
+                 message=f"int8 with {kept} layers in fp32 agrees with fp32 on {tried[kept]:.0%} of the "
+                         "calibration images: keeping more layers in fp32")
     if tried[kept] < AUTO_MIN_AGREEMENT:   # none good enough: the most faithful (ties: more in fp32)
         kept = max(reversed(list(tried)), key=tried.get)
     extra["fp32_layers"] = kept
