@@ -78,8 +78,8 @@ PARAMS = [
               help="int8 mode: layers left in fp32 (their weights are still stored as int8): classifier = the "
                    "logits layer; edges = also the first convolution; +1x1-kxk also the 3×3 convolutions on 1×1 "
                    "maps; +1x1 every convolution on 1×1 maps (more accurate, slower); +2x2+pooled every convolution on maps "
-                   "of 2×2 or less and those whose output is average-pooled (DenseNet's transitions; most "
-                   "accurate, slowest); auto: classifier, and for DenseNet-121 the first of edges, edges+1x1, "
+                   "of 2×2 or less and every layer between a concatenation and an average pooling (DenseNet's "
+                   "transitions; most accurate, slowest); auto: classifier, and for DenseNet-121 the first of edges, edges+1x1, "
                    "edges+2x2+pooled whose int8 model agrees with fp32 on at least 90% of the calibration "
                    "images (else the one that agrees most; measured, docs/bench_quantization.md)"),
 ]
