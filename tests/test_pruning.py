@@ -210,6 +210,23 @@ def test_structured_global_differs_from_layerwise(make_teacher):
     assert layer != glob and sum(glob) == pytest.approx(sum(layer), rel=0.15)
 
 
+def test_structured_layers_keep_a_multiple_of_channel_multiple(make_teacher, spec):
+    teacher = make_teacher("resnet34", subset=RN_SUBSET)
+    full = [c.out_channels for c in teacher.model.modules() if isinstance(c, torch.nn.Conv2d)]
+
+    def widths(multiple):
+        m = copy.deepcopy(teacher.model)
+        pruning.structured_prune(m, 0.3, channel_multiple=multiple)
+        return [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+
+    exact, rounded = widths(1), widths(8)
+    assert all(abs(w - 0.7 * f) <= 1 for w, f in zip(exact, full)) and any(w % 8 for w in exact)   # 64 -> 44
+    assert all(w % 8 == 0 and w <= e < w + 8 for w, e in zip(rounded, exact))   # rounded down to a multiple
+    assert spec.validate({"method": "structured", "ratio": 0.3})["channel_multiple"] == 8   # the default
+    # unstructured removes no channel, so the setting does not split its cache entries
+    assert spec.validate({"method": "unstructured", "channel_multiple": 1})["channel_multiple"] == 8
+
+
 def test_unstructured_finetune_keeps_zeros_dense_size_unchanged_gzip_smaller(make_teacher, shapes, spec):
     teacher = dense_teacher(make_teacher)
     ratio = 0.6
