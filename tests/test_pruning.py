@@ -221,7 +221,8 @@ def test_structured_layers_keep_a_multiple_of_channel_multiple(make_teacher, spe
 
     exact, rounded = widths(1), widths(8)
     assert all(abs(w - 0.7 * f) <= 1 for w, f in zip(exact, full)) and any(w % 8 for w in exact)   # 64 -> 44
-    assert all(w % 8 == 0 and w <= e < w + 8 for w, e in zip(rounded, exact))   # rounded down to a multiple
+    assert all(w % 8 == 0 and abs(w - e) <= 4 for w, e in zip(rounded, exact))   # the nearest multiple
+    assert 48 in rounded   # 44 of 64 rounds up (torch-pruning itself rounds down, to 40)
     assert spec.validate({"method": "structured", "ratio": 0.3})["channel_multiple"] == 8   # the default
     # unstructured removes no channel, so the setting does not split its cache entries
     assert spec.validate({"method": "unstructured", "channel_multiple": 1})["channel_multiple"] == 8
