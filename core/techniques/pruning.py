@@ -132,7 +132,6 @@ def structured_prune(model: nn.Module, ratio: float, scope: str = "layer",
 
 
 def _structured_step(model, ratio, scope, importance, progress, channel_multiple=1):
-    import torch_pruning as tp
     example = torch.zeros(EXAMPLE_INPUT)
     emit(progress, stage="prune", kind="message", message="tracing the dependency graph")
     with warnings.catch_warnings():
