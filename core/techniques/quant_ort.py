@@ -359,17 +359,13 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
 
 def _pooled_chains(g) -> set[str]:
     """Names of the convolutions on single-reader Conv/ReLU chains that end in an AveragePool."""
-    producers = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
+    _, producers, readers = _graph_index(g)
     found = set()
     for n in g.node:
         if n.op_type != "AveragePool":
             continue
         t = n.input[0]
-        while t in producers and producers[t].op_type in ("Conv", "Relu") and readers.get(t) == 1:
+        while t in producers and producers[t].op_type in ("Conv", "Relu") and len(readers.get(t, [])) == 1:
             p = producers[t]
             if p.op_type == "Conv":
                 found.add(p.name)
