@@ -50,6 +50,24 @@ QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Relu"]
 KEEP_FP32_RULES = ("first", "classifier", "1x1", "1x1-kxk", "2x2", "pooled")
 
 
+def int8_pairs_saturate() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels can saturate on this CPU.
+
+    x86 without VNNI (AVX2, or AVX-512 without VNNI: older Intel, AMD before Zen 4) multiplies with
+    vpmaddubsw, which adds two products in 16 bits: 255 x 127 x 2 overflows int16, while 7-bit weights
+    (ORT's reduce_range) cannot (255 x 64 x 2 < 32768). VNNI and ARM accumulate in 32 bits. Measured on an
+    AVX2 AMD EPYC (docs/bench_quantization.md, session 13): 8-bit weights flipped 0.65% of a ResNet-34's
+    predictions against exact int8 arithmetic, 7-bit weights none.
+    """
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:   # an older PyTorch: assume the common case, a CPU without the problem
+        return False
+    if caps.get("architecture") not in ("x86_64", "x86"):
+        return False
+    return not any(caps.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def session_options(threads: int):
     """CPU session options the lab times with: `threads` intra-op threads, no busy-waiting."""
     import onnxruntime as ort
@@ -625,7 +643,8 @@ def _named(path: str):
 
 def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: bool = True,
                   progress: ProgressFn = None, method: str = CALIB_METHOD,
-                  percentile: float | None = None, keep_fp32=(), calibration_cache: str | None = None) -> bytes:
+                  percentile: float | None = None, keep_fp32=(), calibration_cache: str | None = None,
+                  reduce_range: bool = False) -> bytes:
     """Static int8 QDQ model: int8 weights (symmetric), uint8 activations with calibrated ranges.
 
     method "percentile" clips each activation range at the CALIB_PERCENTILE-th percentile of
@@ -634,6 +653,7 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
     calibration_cache: a file for the activation ranges, written by the first call and read by the next
     ones on the same model, images and method (ONNX Runtime calibrates every tensor of QUANTIZED_OPS
     whatever keep_fp32 leaves out, so trying several fp32-layer choices calibrates once).
+    reduce_range: 7-bit weights, for CPUs whose int8 kernels saturate (`int8_pairs_saturate`).
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)
@@ -668,7 +688,7 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
                                 weight_type=QuantType.QInt8, calibrate_method=calib[0],
                                 op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
                                 extra_options={**STRIDED.get(method, {}), **calib[1]},
-                                calibration_cache_path=calibration_cache)
+                                calibration_cache_path=calibration_cache, reduce_range=reduce_range)
             model = onnx.load(dst)
             store_weights_int8(model, set(excluded))
             return compact(model.SerializeToString())

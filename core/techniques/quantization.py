@@ -82,6 +82,11 @@ PARAMS = [
                    "transitions; most accurate, slowest); auto: classifier, and for DenseNet-121 the first of edges, edges+1x1, "
                    "edges+2x2+pooled whose int8 model agrees with fp32 on at least 90% of the calibration "
                    "images (else the one that agrees most; measured, docs/bench_quantization.md)"),
+    ParamSpec("weight_range", "choice", "auto", choices=("auto", "8bit", "7bit"),
+              help="int8 mode: weights on the full int8 grid (8bit) or on 7 bits (ONNX Runtime's reduce_range). "
+                   "CPUs without VNNI (AVX2, or AVX-512 without VNNI) add int8 products in pairs in 16 bits, "
+                   "which saturate with 8-bit weights and cannot with 7; auto: 7bit on such a CPU, 8bit "
+                   "elsewhere (measured, docs/bench_quantization.md, session 13)"),
 ]
 # "auto" per architecture (accuracy drop in points, full test set). Session-6 Shapes teachers: DenseNet-121
 # min/max 13.8, p99.9 1.8, p99.5 0.65; ResNet-50 min/max 0.55, p99.9 0.75, p99.5 3.75; ResNet-34 0.0 / 0.1 /
@@ -101,6 +106,13 @@ AUTO_CALIBRATION = {"densenet121": "p99.9"}
 # edges+2x2+pooled -0.15 (agreement 0.93) at 1.3x instead of 1.6x.
 AUTO_FP32_LAYERS = {"densenet121": ("edges", "edges+1x1", "edges+2x2+pooled")}
 AUTO_MIN_AGREEMENT = 0.9
+# Shown with every int8 result made on a CPU without VNNI (session 13, AVX2 AMD EPYC, Shapes ResNet-34:
+# batch 1 1.55x faster than fp32, against 3.2x on the AVX-512 VNNI Xeon of session 12)
+NO_VNNI_NOTE = ("This CPU has no VNNI (8-bit dot-product instructions): ONNX Runtime multiplies int8 through "
+                "16-bit intermediate sums, so int8 gains less speed here than on newer CPUs (about 1.5x at batch "
+                "1 for a ResNet-34 on an AVX2 CPU, 3x and more with VNNI), and ")
+NO_VNNI_WEIGHTS = {"7bit": "its weights use 7 bits so that those sums cannot overflow.",
+                   "8bit": "with 8-bit weights those sums can saturate (weight_range 7bit avoids it)."}
 _DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
@@ -111,7 +123,8 @@ def _normalise(p: dict) -> None:
     if mode != "fake":
         ignored |= {"bits", "activations", "act_bits", "bn_correction"}
     if mode != "int8":
-        ignored |= {"calibration", "fp32_layers", "equalize", "qat_epochs", "qat_lr", "qat_subset"}
+        ignored |= {"calibration", "fp32_layers", "equalize", "qat_epochs", "qat_lr", "qat_subset",
+                    "weight_range"}
     if mode == "int8" and p["qat_epochs"] == 0:
         ignored |= {"qat_lr", "qat_subset"}
     if mode in ("fp16", "bf16"):
@@ -241,6 +254,8 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         int8_onnx, qmodel, agree = _convert_choosing_fp32_layers(ctx, p, source_onnx, images, reference,
                                                                  (method, pct), extra, notes)
         extra.update(quantized=True, calibration_argmax_agreement=agree, **quant_ort.onnx_summary(int8_onnx))
+        if quant_ort.int8_pairs_saturate():
+            notes.append(NO_VNNI_NOTE + NO_VNNI_WEIGHTS[extra["weight_range"]])
         if agree < 0.9:
             notes.append(f"int8 predictions agree with fp32 on only {agree:.0%} of the calibration images")
         state = {"format": "onnx", "precision": "int8", "onnx": quant_ort.bytes_to_tensor(int8_onnx)}
@@ -277,13 +292,15 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
     candidate that agrees well enough (AUTO_FP32_LAYERS), else the most faithful one tried."""
     method, pct = calibration
     candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
+    weights = extra["weight_range"] = resolve_weight_range(p["weight_range"])
     tried, made = {}, {}
     with tempfile.TemporaryDirectory(prefix="lab-ranges-") as tmp:   # one calibration for every candidate
         for kept in candidates:
             int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
                                                 ctx.progress, method=method, percentile=pct,
                                                 keep_fp32=FP32_LAYERS[kept],
-                                                calibration_cache=os.path.join(tmp, "ranges.json"))
+                                                calibration_cache=os.path.join(tmp, "ranges.json"),
+                                                reduce_range=weights == "7bit")
             made[kept] = int8_onnx, quant_ort.OrtModule(int8_onnx, "int8")
             tried[kept] = _agreement(made[kept][1], reference, images[:256])
             if tried[kept] >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
@@ -312,6 +329,14 @@ def resolve_fp32_layers(choice: str, arch: str) -> tuple[str, ...]:
     """The int8 layers kept in fp32 to try, in order: the choice, or for "auto" those measured best for
     `arch` (see AUTO_FP32_LAYERS)."""
     return AUTO_FP32_LAYERS.get(arch, ("classifier",)) if choice == "auto" else (choice,)
+
+
+def resolve_weight_range(choice: str) -> str:
+    """The int8 weight grid a run uses: the choice, or for "auto" 7 bits where this CPU's int8 kernels
+    can saturate (quant_ort.int8_pairs_saturate), else 8."""
+    if choice != "auto":
+        return choice
+    return "7bit" if quant_ort.int8_pairs_saturate() else "8bit"
 
 
 def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
@@ -418,5 +443,6 @@ SPEC = register(TechniqueSpec(
     # 9: ReLUs folded into int8 outputs, batch norms as int8 depthwise convolutions, DenseNet's auto fp32
     # layers chosen by calibration agreement, quantization-aware fine-tuning (qat_epochs)
     # 10: DenseNet's auto fp32 layers may fall back to edges+2x2+pooled
-    version=10,
+    # 11: int8 weights on 7 bits where the CPU has no VNNI (weight_range auto)
+    version=11,
 ))
