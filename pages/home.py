@@ -2,7 +2,7 @@ import re
 
 import streamlit as st
 
-from core import views
+from core import hardware, views
 from core.models import MODELS
 from core.techniques import get_technique, technique_names
 from pages import _shared as sh
@@ -34,6 +34,7 @@ with c2:
         st.page_link("pages/teacher.py", label="Train it on the Teacher page", icon=":material/school:")
 with c3:
     st.metric("Training device", ss.device.upper(), border=True, help="Latency is always measured on the CPU.")
+    st.caption(f"Latency CPU: {hardware.cpu_line()}")
 
 st.subheader("Three ways to compress")
 names = [n for n in ("prune", "quantize", "distill") if n in technique_names()]

@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from core.cli import main
 from core.errors import InvalidParameter, LabError
@@ -71,6 +72,26 @@ def test_info_json_has_the_documented_keys(capsys):
     assert code == 0 and {"datasets", "models", "students", "devices", "cache"} <= set(info)
     assert all(isinstance(info[k], list) for k in ("datasets", "models", "students", "devices", "cache"))
     assert "shapes" in [d["name"] for d in info["datasets"]] and "cpu" in info["devices"]
+    # what this CPU offers int8 (VNNI or not: docs/bench_quantization.md, session 13) and bf16
+    cpu = info["cpu"]
+    assert cpu["cores"] >= 1 and cpu["vector"] and cpu["int8_line"].startswith("int8:")
+    assert cpu["bf16"] in (True, False) and cpu["int8_vnni"] in (True, False, None)
+    code, text, _ = _cli(capsys, "info")
+    assert code == 0 and f"CPU: {cpu['name']}" in text and cpu["int8_line"] in text
+
+
+@pytest.mark.parametrize("caps, words", [
+    ({"architecture": "x86_64", "avx2": True, "cpu_name": "Old"}, "no VNNI"),
+    ({"architecture": "x86_64", "avx2": True, "avx512_vnni": True, "cpu_name": "New"}, "VNNI 8-bit dot products"),
+    ({"architecture": "aarch64", "cpu_name": "Arm"}, "no 16-bit saturation"),
+])
+def test_cpu_summary_says_what_int8_gains_here(caps, words, monkeypatch):
+    from core import hardware
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    s = hardware.cpu_summary()
+    assert words in s["int8_line"] and s["name"] == caps["cpu_name"]
+    assert s["int8_vnni"] is {"Old": False, "New": True, "Arm": None}[caps["cpu_name"]]
+    assert hardware.cpu_line(s).startswith(caps["cpu_name"] + ",")
 
 
 def _cache_listing(cache_dir):

@@ -1,7 +1,7 @@
 """`info`: datasets, models, students, devices and the cache's contents."""
 from __future__ import annotations
 
-from .. import cache, settings
+from .. import cache, hardware, settings
 from ..datasets import DATASETS
 from ..models import MODELS, STUDENTS, TEACHERS
 from .common import print_json
@@ -25,6 +25,7 @@ def info() -> dict:
         "models": [{"name": n, "title": MODELS[n].title, "description": MODELS[n].description} for n in TEACHERS],
         "students": [{"name": n, "title": MODELS[n].title, "description": MODELS[n].description} for n in STUDENTS],
         "devices": settings.available_devices(),
+        "cpu": hardware.cpu_summary(),
         "cache": cached,
         "cache_dir": str(settings.cache_dir()),
         "data_root": str(settings.data_root()),
@@ -46,6 +47,7 @@ def run(args) -> int:
     for m in data["students"]:
         print(f"  {m['name']:<15} {m['description']}")
     print(f"Devices: {', '.join(data['devices'])} (latency is always measured on the CPU)")
+    print(f"CPU: {hardware.cpu_line(data['cpu'])}")
     print(f"Cache: {data['cache_dir']} ({len(data['cache'])} teachers)")
     for c in data["cache"]:
         acc = f"{c['accuracy']:.3f}" if c["accuracy"] is not None else "?"
