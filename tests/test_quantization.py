@@ -390,12 +390,14 @@ def test_7bit_weights_give_exact_int8_arithmetic_where_8bit_saturate():
     seven = quant_ort.quantize_int8(fp32, torch.rand(32, 3, 32, 32), reduce_range=True)
     eight = quant_ort.quantize_int8(fp32, torch.rand(32, 3, 32, 32))
     assert max(_int8_weight_peaks(seven)) <= 64 and set(_int8_weight_peaks(eight)) == {127}
-    fast, exact = kernels_and_exact(seven)
-    assert np.allclose(fast, exact, atol=1e-4 * np.abs(exact).max())
-    fast, exact = kernels_and_exact(eight)
-    off = np.abs(fast - exact).max() / np.abs(exact).max()
-    # where the CPU saturates, 8-bit weights are visibly wrong (AVX2 AMD EPYC: 22% of the largest logit)
-    assert (off > 0.05) if quant_ort.int8_pairs_saturate() else (off < 1e-4)
+    def off(onnx_bytes):
+        fast, exact = kernels_and_exact(onnx_bytes)
+        return np.abs(fast - exact).max() / np.abs(exact).max()
+
+    # exact up to a rounding tie in requantization (AVX2 AMD EPYC: 0.0); where the CPU saturates, 8-bit weights
+    # are visibly wrong (there: 22% of the largest logit)
+    assert off(seven) < 0.01
+    assert (off(eight) > 0.05) if quant_ort.int8_pairs_saturate() else (off(eight) < 0.01)
 
 
 @pytest.mark.parametrize("caps, saturates", [
@@ -410,7 +412,7 @@ def test_weight_range_auto_takes_7bit_only_where_int8_saturates(caps, saturates,
     assert quant_ort.int8_pairs_saturate() is saturates
     assert quantization.resolve_weight_range("auto") == ("7bit" if saturates else "8bit")
     assert quantization.resolve_weight_range("8bit") == "8bit"   # a choice is kept
-    if caps.get("avx512_f") or caps.get("avx_vnni"):
+    if caps.get("avx512_f") or caps.get("avx_vnni") or caps["architecture"] != "x86_64":
         return   # the run below is the same for every CPU of one answer
     out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 32})
     assert out.extra["weight_range"] == ("7bit" if saturates else "8bit")
