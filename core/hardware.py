@@ -8,24 +8,31 @@ import platform
 import torch
 
 
-def _capabilities() -> dict:
+def capabilities() -> dict:
+    """PyTorch's reading of this CPU's flags (empty on an older PyTorch)."""
     try:
         return dict(torch.cpu.get_capabilities())
-    except Exception:   # an older PyTorch: what platform knows
+    except Exception:
         return {}
+
+
+def int8_vnni(caps: dict | None = None) -> bool | None:
+    """Whether this x86 CPU has 8-bit dot-product instructions (VNNI in any form); None off x86."""
+    caps = capabilities() if caps is None else caps
+    if (caps.get("architecture") or platform.machine()) not in ("x86_64", "x86", "AMD64"):
+        return None
+    return bool(caps.get("avx512_vnni") or caps.get("avx_vnni") or caps.get("amx_int8"))
 
 
 def cpu_summary() -> dict:
     """Name, cores, vector instructions, and one line each on what int8 and bf16 can do here."""
-    from .techniques.quant_ort import int8_pairs_saturate
     from .training import bf16_training_supported
-    caps = _capabilities()
+    caps = capabilities()
     arch = caps.get("architecture") or platform.machine()
-    x86 = arch in ("x86_64", "x86", "AMD64")
-    vnni = bool(caps.get("avx512_vnni") or caps.get("avx_vnni") or caps.get("amx_int8")) if x86 else None
-    if not x86:
+    vnni = int8_vnni(caps)
+    if vnni is None:
         int8 = "int8: no 16-bit saturation on this architecture"
-    elif int8_pairs_saturate():
+    elif not vnni:
         int8 = ("int8: no VNNI, so int8 gains little speed here (about 1.5x at batch 1 for a ResNet-34) "
                 "and its weights use 7 bits")
     else:

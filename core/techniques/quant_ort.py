@@ -59,13 +59,8 @@ def int8_pairs_saturate() -> bool:
     AVX2 AMD EPYC (docs/bench_quantization.md, session 13): 8-bit weights flipped 0.65% of a ResNet-34's
     predictions against exact int8 arithmetic, 7-bit weights none.
     """
-    try:
-        caps = torch.cpu.get_capabilities()
-    except Exception:   # an older PyTorch: assume the common case, a CPU without the problem
-        return False
-    if caps.get("architecture") not in ("x86_64", "x86"):
-        return False
-    return not any(caps.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from ..hardware import int8_vnni
+    return int8_vnni() is False
 
 
 def session_options(threads: int):
