@@ -52,7 +52,8 @@ def deploy_forms(teacher_model, pruned_model, rounds: int) -> dict:
     import copy
     import torch
     from torch.fx.experimental.optimization import fuse
-    from core.techniques.quant_ort import OrtModule, export_onnx
+    from core.techniques.onnx_export import export_onnx
+    from core.techniques.ort_session import OrtModule
     cl, nchw = torch.channels_last, torch.contiguous_format
 
     def as_format(m, fmt):

@@ -80,7 +80,8 @@ def bench_int8(spec, teacher, data, threads, rounds, acc_fp32, profile=False):
 def op_profile(onnx_bytes: bytes, threads: int, runs: int = 100) -> dict:
     """Share of batch-1 kernel time per operator type (ONNX Runtime's profiler), and nodes per run."""
     import collections
-    from core.techniques.quant_ort import INPUT_NAME, new_session, session_options
+    from core.techniques.onnx_export import INPUT_NAME
+    from core.techniques.ort_session import new_session, session_options
     so = session_options(threads)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "lab-ort-profile")

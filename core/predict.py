@@ -137,5 +137,5 @@ def stored_onnx(result: ExperimentResult) -> bytes | None:
     onnx = state.get("onnx") if isinstance(state, dict) and state.get("format") == "onnx" else None
     if onnx is None:
         return None
-    from .techniques.quant_ort import tensor_to_bytes
+    from .techniques.ort_session import tensor_to_bytes
     return tensor_to_bytes(onnx)

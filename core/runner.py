@@ -150,7 +150,7 @@ def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dic
 
 
 def _batch_plans(threads: int, **models) -> dict:
-    """How ONNX Runtime ran each model's batches of several images on `threads` threads (quant_ort.BATCH_PLANS)."""
+    """How ONNX Runtime ran each model's batches of several images on `threads` threads (ort_session.BATCH_PLANS)."""
     return {role: plan for role, m in models.items() if (plan := getattr(m, "plans", {}).get(threads))}
 
 
@@ -160,11 +160,11 @@ _TWINS: dict = {}   # one entry: id(eager model) -> (weak reference to it, its O
 def _deployed_twin(model: nn.Module):
     """The teacher's ONNX Runtime copy, kept for the next request: a slider moving through pruning
     ratios exports and loads the same teacher each time otherwise (~0.6 s for ResNet-34)."""
-    from .techniques import quant_ort
+    from .techniques import onnx_export, ort_session
     hit = _TWINS.get(id(model))
     if hit is not None and hit[0]() is model:
         return hit[1]
-    twin = quant_ort.OrtModule(quant_ort.export_onnx(model), "fp32")
+    twin = ort_session.OrtModule(onnx_export.export_onnx(model), "fp32")
     _TWINS.clear()   # one at a time: a session holds a copy of the weights
     _TWINS[id(model)] = (weakref.ref(model), twin)
     return twin
@@ -178,12 +178,12 @@ def deployed_latency(base: nn.Module, model: nn.Module) -> dict:
     channels while convolutions shrink quadratically: a ResNet-34 pruned at 0.5 (3.9x fewer MACs)
     ran 2.4x faster at batch 64 in eager PyTorch and 3.9x in ONNX Runtime (docs/bench_pruning.md).
     """
-    from .techniques import quant_ort
+    from .techniques import onnx_export, ort_session
     try:
-        a, b = _deployed_twin(base), quant_ort.OrtModule(quant_ort.export_onnx(model), "fp32")
+        a, b = _deployed_twin(base), ort_session.OrtModule(onnx_export.export_onnx(model), "fp32")
     except Exception as exc:   # an architecture the exporter rejects: the eager numbers still stand
-        return {"runtime": quant_ort.RUNTIME, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
-    out = {"runtime": quant_ort.RUNTIME}
+        return {"runtime": ort_session.RUNTIME, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    out = {"runtime": ort_session.RUNTIME}
     for bs, rounds, key in ((1, 6, "b1"), (64, 3, "b64")):
         la, lb, speedup = metrics.compare_latency(a, b, bs, rounds=rounds, warmup=1 if bs > 1 else 3)
         out.update({f"baseline_ms_{key}": la.median_ms, f"compressed_ms_{key}": lb.median_ms,

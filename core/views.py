@@ -99,7 +99,7 @@ def metric_cards(baseline: dict, compressed: dict) -> list[dict]:
 
 
 def batch_plan_words(plans: dict | None) -> str:
-    """A sentence saying which models ran a batch split into one part per core (quant_ort.BATCH_PLANS)."""
+    """A sentence saying which models ran a batch split into one part per core (ort_session.BATCH_PLANS)."""
     split = [role for role, plan in (plans or {}).items() if plan == "split"]
     if not split:
         return ""

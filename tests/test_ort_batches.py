@@ -1,4 +1,4 @@
-"""How OrtModule runs a batch of several images on several threads (quant_ort.BATCH_PLANS)."""
+"""How OrtModule runs a batch of several images on several threads (ort_session.BATCH_PLANS)."""
 import pickle
 import time
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from core.models import build_model
-from core.techniques import quant_ort
+from core.techniques import onnx_export, ort_session
 
 
 @pytest.fixture(scope="module")
 def onnx_bytes():
     torch.manual_seed(0)
-    return quant_ort.export_onnx(build_model("resnet14_wide", 10).eval())
+    return onnx_export.export_onnx(build_model("resnet14_wide", 10).eval())
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def _images(n):
 
 def test_a_split_batch_gives_the_same_logits_as_one_run(onnx_bytes, two_threads):
     x = _images(7)   # odd: the parts differ in size
-    whole = quant_ort.OrtModule(onnx_bytes, batch_plan="whole")
-    split = quant_ort.OrtModule(onnx_bytes, batch_plan="split")
+    whole = ort_session.OrtModule(onnx_bytes, batch_plan="whole")
+    split = ort_session.OrtModule(onnx_bytes, batch_plan="split")
     a, b = whole(x), split(x)
     assert a.shape == (7, 10) and torch.allclose(a, b, atol=1e-5)
     assert whole.plans == {2: "whole"} and split.plans == {2: "split"}
@@ -41,12 +41,12 @@ def test_a_split_batch_gives_the_same_logits_as_one_run(onnx_bytes, two_threads)
     # one image is one run, on the session already there
     assert torch.allclose(split(x[:1]), a[:1], atol=1e-5) and set(split._sessions) == {1}
     with pytest.raises(ValueError, match="batch_plan"):
-        quant_ort.OrtModule(onnx_bytes, batch_plan="halves")
+        ort_session.OrtModule(onnx_bytes, batch_plan="halves")
 
 
 @pytest.mark.parametrize("slow", ["whole", "split"])
 def test_auto_keeps_the_faster_plan_and_forgets_it_when_moved(onnx_bytes, two_threads, slow):
-    model = quant_ort.OrtModule(onnx_bytes)
+    model = ort_session.OrtModule(onnx_bytes)
     run = getattr(model, f"_run_{slow}")
 
     def slowed(arr, threads):
@@ -54,7 +54,7 @@ def test_auto_keeps_the_faster_plan_and_forgets_it_when_moved(onnx_bytes, two_th
         return run(arr, threads)
     setattr(model, f"_run_{slow}", slowed)
     x = _images(8)
-    ref = quant_ort.OrtModule(onnx_bytes, batch_plan="whole")(x)
+    ref = ort_session.OrtModule(onnx_bytes, batch_plan="whole")(x)
     assert torch.allclose(model(x), ref, atol=1e-5)
     faster = "split" if slow == "whole" else "whole"
     assert model.plans == {2: faster}

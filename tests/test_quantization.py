@@ -18,7 +18,7 @@ from core.results import ResultStore
 from core.runner import ExperimentConfig, load_compressed, run_experiment
 from core.settings import cache_dir
 from core.techniques import Context, get_technique
-from core.techniques import quant_fake, quant_ort, quantization
+from core.techniques import onnx_export, onnx_graph, ort_session, quant_fake, quant_ort, quantization
 from core.techniques.base import calibration_images
 from core.training import TrainConfig, predict_logits
 
@@ -278,11 +278,11 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
     assert out.extra["int8_compute_ops"] == out.extra["compute_ops"] > 100
     assert out.extra["equalized_layers"] == 180   # rescaled first (tests/test_equalize.py)
     assert any(e.stage == "calibrate" and e.kind == "batch" for e in events)
-    file_bytes = len(quant_ort.tensor_to_bytes(out.state["onnx"]))
+    file_bytes = len(ort_session.tensor_to_bytes(out.state["onnx"]))
     # its 62 batch norms (before a ReLU: nothing folds them) run as int8 depthwise convolutions, and the
     # running concatenations join int8 tensors: nothing is dequantized between the stem and the classifier
     # (before: 572 nodes, 107 DequantizeLinear and 90 layout transposes)
-    ops = _optimized_ops(quant_ort.tensor_to_bytes(out.state["onnx"]))
+    ops = _optimized_ops(ort_session.tensor_to_bytes(out.state["onnx"]))
     assert ops["QLinearConv"] == 120 + 62 and ops["QLinearConcat"] == 58
     assert ops["DequantizeLinear"] <= 2 and ops["BatchNormalization"] == 0 and sum(ops.values()) < 300
     assert out.extra["fp32_file_bytes"] / file_bytes >= 3.8
@@ -300,7 +300,7 @@ def test_int8_densenet121_converts_with_progress(make_teacher, shapes, spec):
 
 def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     import onnx
-    dense = onnx.load_from_string(quant_ort.export_onnx(make_teacher("densenet121").model))
+    dense = onnx.load_from_string(onnx_export.export_onnx(make_teacher("densenet121").model))
     edges = quant_ort.fp32_nodes(dense, ("first", "classifier"))
     assert len(edges) == 2 and "conv0" in edges[0] and "classifier" in edges[1]
     # at 32x32 input denseblock4 works on 1x1 maps: its 16 layers' two convolutions each
@@ -316,7 +316,7 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
     pooled = quant_ort.fp32_nodes(dense, ("pooled",))
     assert [n.split("/")[2] for n in pooled] == ["transition1", "transition2", "transition3"]
     # as quantize_int8 sees it (batch norms as depthwise convolutions): each transition's norm too
-    dw = onnx.load_from_string(quant_ort.depthwise_batch_norms(dense.SerializeToString()))
+    dw = onnx.load_from_string(onnx_graph.depthwise_batch_norms(dense.SerializeToString()))
     chains = quant_ort.fp32_nodes(dw, ("pooled",))
     assert len(chains) == 6 and set(pooled) < set(chains) and all("/norm/" in n for n in set(chains) - set(pooled))
     assert quant_ort.fp32_nodes(dense, ()) == []
@@ -346,7 +346,7 @@ def test_auto_fp32_layers_falls_back_when_int8_disagrees(r34, shapes, spec, monk
 
 
 def test_fp32_layer_candidates_share_one_calibration(r34, shapes, tmp_path):
-    fp32 = quant_ort.export_onnx(r34.model)
+    fp32 = onnx_export.export_onnx(r34.model)
     images = calibration_images(shapes, 32)
     cache = str(tmp_path / "ranges.json")
     first = quant_ort.quantize_int8(fp32, images, calibration_cache=cache)
@@ -375,7 +375,7 @@ def test_7bit_weights_give_exact_int8_arithmetic_where_8bit_saturate():
     with torch.no_grad():
         model[0].weight.uniform_(0.5, 1.0)
         model[0].bias.zero_()
-    fp32 = quant_ort.export_onnx(model)
+    fp32 = onnx_export.export_onnx(model)
     x = np.ones((4, 3, 32, 32), np.float32)
 
     def kernels_and_exact(onnx_bytes):
@@ -416,7 +416,7 @@ def test_weight_range_auto_takes_7bit_only_where_int8_saturates(caps, saturates,
         return   # the run below is the same for every CPU of one answer
     out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 32})
     assert out.extra["weight_range"] == ("7bit" if saturates else "8bit")
-    peaks = _int8_weight_peaks(quant_ort.tensor_to_bytes(out.state["onnx"]))
+    peaks = _int8_weight_peaks(ort_session.tensor_to_bytes(out.state["onnx"]))
     assert len(peaks) > 30 and peaks.count(127) == (len(peaks) if not saturates else 1)
     if saturates:   # every weight an int8 kernel reads is on 7 bits; the one on 8 is the classifier's,
         assert sorted(peaks)[-2] <= 64   # stored as int8 but computed in fp32 (fp32_layers)
@@ -426,13 +426,13 @@ def test_weight_range_auto_takes_7bit_only_where_int8_saturates(caps, saturates,
 
 def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
     import onnx
-    fp32 = quant_ort.export_onnx(r34.model)
+    fp32 = onnx_export.export_onnx(r34.model)
     model = onnx.load_from_string(fp32)
     layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
-    assert quant_ort.store_weights_int8(model, layers) == len(layers)
+    assert onnx_graph.store_weights_int8(model, layers) == len(layers)
     stored = model.SerializeToString()
     assert len(fp32) / len(stored) >= 3.8
-    expanded = quant_ort.expand_stored_weights(stored)
+    expanded = onnx_graph.expand_stored_weights(stored)
     assert b"DequantizeLinear" not in expanded and len(expanded) >= 0.95 * len(fp32)
     xs = np.ascontiguousarray(shapes.normalize(shapes.test_x[:32]).float().numpy())
     run = {k: ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, {"input": xs})[0]
@@ -444,12 +444,12 @@ def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
     assert 0 < err < 0.05
     # an int8 QDQ model's own weights are left to ONNX Runtime's int8 kernels
     int8 = quant_ort.quantize_int8(fp32, calibration_images(shapes, 32))
-    assert quant_ort.expand_stored_weights(int8).count(b"DequantizeLinear") == int8.count(b"DequantizeLinear")
+    assert onnx_graph.expand_stored_weights(int8).count(b"DequantizeLinear") == int8.count(b"DequantizeLinear")
 
 
 def test_convolutions_on_1x1_maps_run_as_their_centre_tap(r34, shapes):
     import onnx
-    fp32 = quant_ort.export_onnx(r34.model)
+    fp32 = onnx_export.export_onnx(r34.model)
     int8 = quant_ort.quantize_int8(fp32, calibration_images(shapes, 32))
     xs = np.ascontiguousarray(shapes.normalize(shapes.test_x[:32]).float().numpy())
     def pointwise(onnx_bytes):
@@ -457,7 +457,7 @@ def test_convolutions_on_1x1_maps_run_as_their_centre_tap(r34, shapes):
                    if n.op_type == "Conv" for a in n.attribute if a.name == "kernel_shape")
 
     for full in (fp32, int8):
-        cut = quant_ort.runtime_graph(full)
+        cut = onnx_graph.runtime_graph(full)
         # at 32x32 input five of layer4's six 3x3 convolutions see 1x1 maps (the first one has stride 2 on 2x2)
         assert pointwise(cut) == pointwise(full) + 5
         assert len(cut) < 0.6 * len(full)
@@ -473,9 +473,9 @@ def _optimized_ops(onnx_bytes: bytes) -> dict:
     import tempfile
     import onnx
     with tempfile.TemporaryDirectory() as tmp:
-        so = quant_ort.session_options(1)
+        so = ort_session.session_options(1)
         so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        quant_ort.new_session(onnx_bytes, so)
+        ort_session.new_session(onnx_bytes, so)
         return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
@@ -487,7 +487,7 @@ def test_densenet_exports_as_a_running_concatenation_with_the_same_outputs():
     for m in model.modules():   # trained-looking batch norms, so a wrong channel order would show
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
-    fp32 = quant_ort.export_onnx(model)
+    fp32 = onnx_export.export_onnx(model)
     concats = [n for n in onnx.load_from_string(fp32).graph.node if n.op_type == "Concat"]
     assert len(concats) == 58 and all(len(n.input) == 2 for n in concats)   # one per dense layer
     x = torch.randn(4, 3, 32, 32)
@@ -507,8 +507,8 @@ def test_batch_norms_before_relu_become_depthwise_convolutions_with_the_same_out
     bn = model[2]
     bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
     bn.weight.data.uniform_(-1.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)   # negative gammas too
-    fp32 = quant_ort.export_onnx(model.eval())
-    dw = onnx.load_from_string(quant_ort.depthwise_batch_norms(fp32))
+    fp32 = onnx_export.export_onnx(model.eval())
+    dw = onnx.load_from_string(onnx_graph.depthwise_batch_norms(fp32))
     onnx.checker.check_model(dw)
     ops = [n.op_type for n in dw.graph.node]
     assert "BatchNormalization" not in ops and ops.count("Conv") == 3
@@ -519,16 +519,16 @@ def test_batch_norms_before_relu_become_depthwise_convolutions_with_the_same_out
         None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert np.allclose(out, model(x).numpy(), atol=1e-5)
-    assert quant_ort.depthwise_batch_norms(dw.SerializeToString()) == dw.SerializeToString()   # nothing left
+    assert onnx_graph.depthwise_batch_norms(dw.SerializeToString()) == dw.SerializeToString()   # nothing left
 
 
 def test_slim_quant_params_same_session_fewer_bytes(r34, shapes, monkeypatch):
     import onnx
     from core.techniques.base import calibration_images
-    fp32 = quant_ort.export_onnx(r34.model)
+    fp32 = onnx_export.export_onnx(r34.model)
     images = calibration_images(shapes, 32)
     slimmed = quant_ort.quantize_int8(fp32, images, keep_fp32=("classifier",))
-    monkeypatch.setattr(quant_ort, "slim_quant_params", lambda model: 0)
+    monkeypatch.setattr(onnx_graph, "slim_quant_params", lambda model: 0)
     full = quant_ort.quantize_int8(fp32, images, keep_fp32=("classifier",))
     # ResNet-34: every conv's bias scale (input scale x weight scale) and zero weight zero points
     assert len(slimmed) < len(full) - 40_000
@@ -536,7 +536,7 @@ def test_slim_quant_params_same_session_fewer_bytes(r34, shapes, monkeypatch):
     assert {"ConstantOfShape", "Mul"} <= ops
     assert _optimized_ops(slimmed) == _optimized_ops(full)   # folded back when the session loads
     xs = np.ascontiguousarray(shapes.normalize(shapes.test_x[:8]).float().numpy())
-    a, b = (quant_ort.new_session(x, quant_ort.session_options(1)).run(None, {"input": xs})[0] for x in (slimmed, full))
+    a, b = (ort_session.new_session(x, ort_session.session_options(1)).run(None, {"input": xs})[0] for x in (slimmed, full))
     assert np.array_equal(a, b)
 
 
@@ -558,7 +558,7 @@ def test_int8_falls_back_with_a_note_when_conversion_fails(r34, shapes, spec, mo
     out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 16})
     assert out.extra["quantized"] is False and "unsupported operator" in out.notes[0]
     assert out.state["precision"] == "fp32" and out.baseline_model is not None
-    monkeypatch.setattr(quant_ort, "export_onnx", broken)
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
     out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 16})
     assert "could not be exported" in out.notes[0] and out.runtime == "pytorch-eager"
     assert isinstance(out.model, torch.nn.Module) and out.state["format"] == "torch-fp32"

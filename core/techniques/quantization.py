@@ -27,7 +27,7 @@ from ..errors import LabError
 from ..models import build_model
 from ..progress import emit
 from ..training import bf16_training_supported, evaluate_accuracy
-from . import bn_correction, equalize, qat, quant_fake, quant_ort
+from . import bn_correction, equalize, onnx_export, onnx_graph, ort_session, qat, quant_fake, quant_ort
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, calibration_images
 
@@ -230,13 +230,13 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
              "calibration_images": p["calibration_images"]}
     emit(ctx.progress, stage="quantize", kind="message", message="exporting to ONNX")
     try:
-        fp32_onnx = quant_ort.export_onnx(model)
+        fp32_onnx = onnx_export.export_onnx(model)
     except Exception as exc:
         note = (f"int8: {_arch(ctx)[0]} could not be exported to ONNX ({type(exc).__name__}: "
                 f"{str(exc)[:160]}); kept the fp32 PyTorch model, nothing was quantized")
         return TechniqueOutput(model=model, state={"format": "torch-fp32", "state_dict": model.state_dict()},
                                extra=dict(extra, quantized=False), notes=[note], **counts)
-    baseline = quant_ort.OrtModule(fp32_onnx, "fp32")
+    baseline = ort_session.OrtModule(fp32_onnx, "fp32")
     images = calibration_images(ctx.data, p["calibration_images"])
     extra["calibration_images"] = len(images)
     emit(ctx.progress, stage="calibrate", kind="message",
@@ -246,27 +246,27 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
     try:
         calib = extra["calibration"] = resolve_calibration(p["calibration"], _arch(ctx)[0])
         method, pct = ("minmax", None) if calib == "minmax" else ("percentile", float(calib[1:]))
-        source_onnx = quant_ort.export_onnx(source) if source is not model or history else fp32_onnx
+        source_onnx = onnx_export.export_onnx(source) if source is not model or history else fp32_onnx
         # after fine-tuning, int8 is to be faithful to the fine-tuned fp32 model, not to the teacher
-        reference = quant_ort.OrtModule(source_onnx, "fp32") if history else baseline
+        reference = ort_session.OrtModule(source_onnx, "fp32") if history else baseline
         if history:   # what fine-tuning alone did, on the images the result is measured on
             extra["qat_fp32_accuracy"] = evaluate_accuracy(reference, ctx.data, *ctx.data.eval_split(ctx.eval_size))
         int8_onnx, qmodel, agree = _convert_choosing_fp32_layers(ctx, p, source_onnx, images, reference,
                                                                  (method, pct), extra, notes)
-        extra.update(quantized=True, calibration_argmax_agreement=agree, **quant_ort.onnx_summary(int8_onnx))
+        extra.update(quantized=True, calibration_argmax_agreement=agree, **onnx_graph.onnx_summary(int8_onnx))
         if quant_ort.int8_pairs_saturate():
             notes.append(NO_VNNI_NOTE + NO_VNNI_WEIGHTS[extra["weight_range"]])
         if agree < 0.9:
             notes.append(f"int8 predictions agree with fp32 on only {agree:.0%} of the calibration images")
-        state = {"format": "onnx", "precision": "int8", "onnx": quant_ort.bytes_to_tensor(int8_onnx)}
+        state = {"format": "onnx", "precision": "int8", "onnx": ort_session.bytes_to_tensor(int8_onnx)}
     except Exception as exc:
         notes.append(f"int8: quantizing {_arch(ctx)[0]} failed ({type(exc).__name__}: {str(exc)[:160]}); "
                      "kept the fp32 ONNX model, nothing was quantized")
         qmodel = baseline
         extra.update(quantized=False)
-        state = {"format": "onnx", "precision": "fp32", "onnx": quant_ort.bytes_to_tensor(fp32_onnx)}
+        state = {"format": "onnx", "precision": "fp32", "onnx": ort_session.bytes_to_tensor(fp32_onnx)}
     extra["fp32_onnx_bytes"] = len(fp32_onnx)
-    return TechniqueOutput(model=qmodel, state=state, eval_device="cpu", runtime=quant_ort.RUNTIME,
+    return TechniqueOutput(model=qmodel, state=state, eval_device="cpu", runtime=ort_session.RUNTIME,
                            baseline_model=baseline, extra=extra, notes=notes, history=history, **counts)
 
 
@@ -301,7 +301,7 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
                                                 keep_fp32=FP32_LAYERS[kept],
                                                 calibration_cache=os.path.join(tmp, "ranges.json"),
                                                 reduce_range=weights == "7bit")
-            made[kept] = int8_onnx, quant_ort.OrtModule(int8_onnx, "int8")
+            made[kept] = int8_onnx, ort_session.OrtModule(int8_onnx, "int8")
             tried[kept] = _agreement(made[kept][1], reference, images[:256])
             if tried[kept] >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
                 break
@@ -350,7 +350,7 @@ def _load_int8(state: dict, ctx: Context) -> nn.Module:
         model = build_model(name, num_classes)
         model.load_state_dict(state["state_dict"])
         return model.eval()
-    return quant_ort.OrtModule(quant_ort.tensor_to_bytes(state["onnx"]), state.get("precision", "int8"))
+    return ort_session.OrtModule(ort_session.tensor_to_bytes(state["onnx"]), state.get("precision", "int8"))
 
 
 # ----------------------------------------------------------------------------- fp16 / bf16
@@ -435,7 +435,7 @@ SPEC = register(TechniqueSpec(
     load=load,
     check=_normalise,
     # 2: int8 files store batch norms as scale and shift (since 9: as int8 depthwise convolutions);
-    # 3: DenseNets exported as a running concatenation (quant_ort._RunningConcatDenseBlock);
+    # 3: DenseNets exported as a running concatenation (onnx_export._RunningConcatDenseBlock);
     # 4: fake mode corrects batch-norm statistics (bn_correction);
     # 5: int8 keeps the classifier (DenseNet: also the first convolution) in fp32;
     # 6: DenseNet also its 1x1-map block (cheap once sessions cut 1x1-map convolutions to their centre tap)
