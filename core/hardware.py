@@ -51,7 +51,13 @@ def cpu_summary() -> dict:
     }
 
 
+def cpu_id(summary: dict | None = None) -> str:
+    """The CPU a latency was timed on, as results record it: name, cores and vector instructions."""
+    s = summary or cpu_summary()
+    return f"{s['name']}, {s['cores']} cores, {s['vector']}"
+
+
 def cpu_line(summary: dict | None = None) -> str:
     """One line for the CLI and the app's home page."""
     s = summary or cpu_summary()
-    return f"{s['name']}, {s['cores']} cores, {s['vector']}; {s['int8_line']}; {s['bf16_line']}"
+    return f"{cpu_id(s)}; {s['int8_line']}; {s['bf16_line']}"

@@ -38,6 +38,7 @@ class ExperimentResult:
     teacher_path: str = ""
     runtime: str = "pytorch-eager"
     notes: list = field(default_factory=list)
+    cpu: str = ""                     # the CPU latency was timed on (hardware.cpu_id); "" in older rows
     created: float = field(default_factory=time.time)
     cached: bool = False
 
@@ -56,7 +57,7 @@ class ExperimentResult:
                "params": self.params, "baseline": pick(self.baseline), "compressed": pick(self.compressed),
                "eval_images": self.eval_images, "seconds": self.seconds, "cached": self.cached,
                "key": self.key, "model_path": self.model_path, "runtime": self.runtime,
-               "notes": self.notes, "history": self.history, "timings": self.timings}
+               "notes": self.notes, "history": self.history, "timings": self.timings, "cpu": self.cpu}
         if self.technique == "distill" or self.scratch is not None:
             out["scratch"] = pick(self.scratch)
             out["scratch_history"] = self.scratch_history
@@ -149,7 +150,7 @@ def results_frame(results: list[ExperimentResult]):
         row = {"key": r.key, "created": pd.Timestamp(r.created, unit="s"), "dataset": r.dataset,
                "model": r.model, "technique": r.technique, "setting": r.label(),
                "params": json.dumps(r.params, sort_keys=True), "eval_images": r.eval_images,
-               "seconds": r.seconds, "runtime": r.runtime}
+               "seconds": r.seconds, "runtime": r.runtime, "cpu": r.cpu}
         for side in ("baseline", "compressed"):
             for k in METRIC_KEYS:
                 row[f"{side}_{k}"] = getattr(r, side).get(k)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import cache, metrics, settings
+from . import cache, hardware, metrics, settings
 from .datasets import DEFAULT_DATASET, load_dataset
 from .errors import InvalidParameter, LabError
 from .models import DEFAULT_TEACHER, get_spec
@@ -69,9 +69,13 @@ def resolve_teacher(cfg: ExperimentConfig, progress: ProgressFn = None, data=Non
 
 def result_key(cfg: ExperimentConfig, teacher: Teacher, data) -> str:
     spec = get_technique(cfg.technique)
-    return cache.stable_hash({"dataset": data.fingerprint, "teacher": teacher.meta.get("sha256"),
-                              "technique": cfg.technique, "version": spec.version, "runner": RUNNER_VERSION,
-                              "params": cfg.params, "eval_size": cfg.eval_size}, 16)
+    request = {"dataset": data.fingerprint, "teacher": teacher.meta.get("sha256"),
+               "technique": cfg.technique, "version": spec.version, "runner": RUNNER_VERSION,
+               "params": cfg.params, "eval_size": cfg.eval_size}
+    machine = spec.machine_params(cfg.params) if spec.machine_params else {}
+    if machine:   # only then: every other key stays as it was
+        request["machine"] = machine
+    return cache.stable_hash(request, 16)
 
 
 def compressed_path(key: str) -> Path:
@@ -254,7 +258,7 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
             params=cfg.params, baseline=baseline, compressed=compressed, eval_images=compressed["eval_images"],
             seconds=time.perf_counter() - t0, timings=timings, history=out.history, scratch=out.scratch,
             scratch_history=out.scratch_history, model_path=str(path), teacher_path=str(teacher.path),
-            runtime=out.runtime, notes=out.notes)
+            runtime=out.runtime, notes=out.notes, cpu=hardware.cpu_id())
         store.add(result)
         emit(progress, stage=cfg.technique, kind="done")
         return result

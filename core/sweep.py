@@ -107,12 +107,22 @@ def _first(frame, column: str):
     return frame[column].iloc[0] if len(frame) and column in frame else "?"
 
 
+def _cpu_words(frame) -> str:
+    """ ", timed on <CPU>", or the CPUs with their run counts when a copied cache mixes machines."""
+    if not len(frame) or "cpu" not in frame:
+        return ""
+    counts = frame["cpu"].fillna("").replace("", "a CPU not recorded").value_counts()
+    if len(counts) == 1:
+        return f", timed on {counts.index[0]}"
+    return ", timed on several CPUs: " + "; ".join(f"{cpu} ({n} runs)" for cpu, n in counts.items())
+
+
 def report_markdown(frame, max_drop: float = 0.01) -> str:
     """The report for a results frame (results_frame's columns): best technique, distillation, every run."""
     lines = ["# Compression sweep", "",
              f"{len(frame)} runs. Accuracy on each dataset's fixed evaluation subset; latency on the CPU "
              f"(batch 1 on {_first(frame, 'compressed_threads_b1')} thread(s), batch 64 on "
-             f"{_first(frame, 'compressed_threads')}).", "",
+             f"{_first(frame, 'compressed_threads')}){_cpu_words(frame)}.", "",
              f"**Criterion**: the smallest model within {max_drop * 100:.1f} accuracy points of its teacher. "
              "A technique's score is the geometric mean, over teachers, of its best size reduction among "
              "runs meeting the criterion (1.0× where none does).", ""]

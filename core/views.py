@@ -263,13 +263,34 @@ def best_per_dataset(frame: pd.DataFrame, min_size_ratio: float = 1.0) -> pd.Dat
     return ok.loc[idx, cols].reset_index(drop=True)
 
 
+def timed_elsewhere_line(result_cpu: str, here: str) -> str | None:
+    """A sentence when a stored result's latency was timed on another CPU than this one (None otherwise,
+    or when the result predates the lab recording it)."""
+    if not result_cpu or result_cpu == here:
+        return None
+    return (f"Latency timed on another CPU ({result_cpu}), not on this one ({here}): its milliseconds and "
+            "speed-ups are that machine's.")
+
+
+def cpu_mix_line(frame: pd.DataFrame) -> str | None:
+    """A sentence when the runs' latencies come from several CPUs (a cache copied between machines)."""
+    if frame.empty or "cpu" not in frame:
+        return None
+    counts = frame["cpu"].fillna("").replace("", "not recorded").value_counts()
+    if len(counts) < 2:
+        return None
+    parts = "; ".join(f"{cpu}: {n} run{'s' * (n != 1)}" for cpu, n in counts.items())
+    return (f"These runs were timed on {len(counts)} CPUs ({parts}): compare latencies only between runs "
+            "timed on the same CPU (the cpu column).")
+
+
 def compare_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns the Compare page shows (and downloads), in a readable order."""
     cols = ["created", "dataset", "model", "technique", "setting", "eval_images", "baseline_accuracy",
             "compressed_accuracy", "accuracy_drop", "baseline_size_bytes", "compressed_size_bytes",
             "size_ratio", "baseline_latency_ms_b1", "compressed_latency_ms_b1", "latency_speedup_b1",
             "baseline_params", "compressed_params", "baseline_macs", "compressed_macs", "macs_ratio",
-            "scratch_accuracy", "runtime", "seconds", "key"]
+            "scratch_accuracy", "runtime", "cpu", "seconds", "key"]
     return frame[[c for c in cols if c in frame]] if len(frame) else pd.DataFrame(columns=cols)
 
 

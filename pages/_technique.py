@@ -5,7 +5,7 @@ import math
 
 import streamlit as st
 
-from core import views
+from core import hardware, views
 from core.errors import LabError
 from core.models import MODELS
 from core.predict import cached_result
@@ -102,6 +102,9 @@ def show_result(result, spec, teacher) -> None:
     sh.metric_row(result.baseline, result.compressed)
     for note in result.notes or []:
         st.warning(note, icon=":material/sticky_note_2:")
+    elsewhere = views.timed_elsewhere_line(result.cpu, hardware.cpu_id())
+    if elsewhere:
+        st.warning(elsewhere, icon=":material/computer:")
     deployed = views.deployed_latency_line(result.baseline, result.compressed)
     if deployed:
         st.info(deployed, icon=":material/rocket_launch:")

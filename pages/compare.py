@@ -22,6 +22,9 @@ sel_t = c2.multiselect("Techniques", techniques, default=techniques, key="cmp.te
 sel_m = c3.multiselect("Teachers", models, default=models, key="cmp.models")
 view = frame[frame["dataset"].isin(sel_d) & frame["technique"].isin(sel_t) & frame["model"].isin(sel_m)]
 
+mixed = views.cpu_mix_line(view)
+if mixed:
+    st.warning(mixed, icon=":material/computer:")
 table = views.compare_table(view)
 # column -> (label, number format)
 COLUMNS = {

@@ -17,6 +17,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import views
+from core.results import results_frame
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
@@ -228,6 +229,32 @@ def test_compare_table_download_and_delete(teacher):
     at.button(key="cmp.delete").click().run()
     assert not at.exception
     assert ResultStore().count() == before - 1
+
+
+def test_runs_timed_on_another_cpu_are_flagged(teacher):
+    """A cache copied from another machine: the Compare page says latencies come from two CPUs, and the
+    technique page says where a stored result was timed."""
+    import dataclasses
+    from core import hardware
+    from core.results import ResultStore
+    here = hardware.cpu_id()
+    store = ResultStore()
+    if not store.all():
+        visit(new_app(), "pages/quantization.py")
+    mine = store.all()[-1]
+    assert mine.cpu == here
+    other = dataclasses.replace(mine, key=mine.key + "-copied", cpu="Another CPU, 64 cores, AVX512")
+    store.add(other)
+    try:
+        at = visit(new_app(), "pages/compare.py")
+        warned = [w.value for w in at.warning if "CPUs" in w.value]
+        assert warned and "Another CPU, 64 cores, AVX512: 1 run" in warned[0] and here in warned[0]
+        assert "cpu" in at.dataframe[0].value.columns
+    finally:
+        store.delete(other.key)
+    assert views.timed_elsewhere_line(other.cpu, here).startswith("Latency timed on another CPU (Another CPU")
+    assert views.timed_elsewhere_line(here, here) is None and views.timed_elsewhere_line("", here) is None
+    assert views.cpu_mix_line(results_frame([mine])) is None
 
 
 # ----------------------------------------------------------------------------- sessions share slots

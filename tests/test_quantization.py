@@ -424,6 +424,22 @@ def test_weight_range_auto_takes_7bit_only_where_int8_saturates(caps, saturates,
     assert any("no VNNI" in n for n in out.notes) is saturates
 
 
+def test_a_result_made_with_weight_range_auto_is_not_served_to_a_cpu_that_picks_the_other_grid(monkeypatch):
+    from types import SimpleNamespace
+    from core.runner import result_key
+    data, teacher = SimpleNamespace(fingerprint="d"), SimpleNamespace(meta={"sha256": "t"})
+
+    def key(params, saturates, technique="quantize"):
+        monkeypatch.setattr(quant_ort, "int8_pairs_saturate", lambda: saturates)
+        return result_key(ExperimentConfig(technique=technique, params=params).validate(), teacher, data)
+
+    auto = {"mode": "int8", "weight_range": "auto"}
+    assert key(auto, True) != key(auto, False)                # AVX2 and VNNI each compute their own
+    for fixed in ({"mode": "int8", "weight_range": "8bit"}, {"mode": "fake", "bits": 4}):
+        assert key(fixed, True) == key(fixed, False)          # nothing else depends on the CPU
+    assert key({"ratio": 0.5}, True, "prune") == key({"ratio": 0.5}, False, "prune")
+
+
 def test_weights_stored_int8_are_expanded_for_the_session(r34, shapes):
     import onnx
     fp32 = onnx_export.export_onnx(r34.model)

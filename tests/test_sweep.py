@@ -4,6 +4,7 @@ import time
 import pytest
 import torch
 
+from core import hardware
 from core.cli import main
 from core.results import ResultStore
 from core.sweep import SweepPlan, best_per_dataset, report_markdown, run_sweep, write_report
@@ -33,6 +34,7 @@ def test_sweep_is_resumable_and_reports_best_technique(teacher, tmp_path):
     csv_path, md_path = write_report(first, tmp_path / "report")
     text = md_path.read_text()
     assert "Best technique per dataset" in text and "Criterion" in text and "resnet34" in text
+    assert f"timed on {hardware.cpu_id()}." in text
     assert len(csv_path.read_text().strip().splitlines()) == 4
 
 
@@ -68,6 +70,7 @@ def test_compress_cli_json_shape(teacher, capsys):
     assert keys <= set(out["baseline"]) and keys <= set(out["compressed"])
     assert out["params"]["bits"] == 6 and out["eval_images"] == 200 and 0 <= out["compressed"]["accuracy"] <= 1
     assert out["compressed"]["size_bytes"] < out["baseline"]["size_bytes"] / 4
+    assert out["cpu"] == hardware.cpu_id() and out["cpu"].startswith(hardware.cpu_summary()["name"])
     for side in ("baseline", "compressed"):   # batch 1 timed on one thread, side by side
         assert out[side]["threads_b1"] == 1 and out[side]["threads"] == torch.get_num_threads()
 

@@ -111,6 +111,9 @@ class TechniqueSpec:
     load: Callable[[dict, Context], nn.Module]
     check: Optional[Callable[[dict], None]] = None   # cross-parameter checks after coercion
     version: int = 1                 # bump to invalidate cached results when apply() changes
+    # the parameters whose "auto" this machine decides, resolved: part of the cache key, so another CPU
+    # computes its own result instead of being served one made for different hardware
+    machine_params: Optional[Callable[[dict], dict]] = None
 
     def validate(self, params: dict | None) -> dict:
         params = dict(params or {})

@@ -339,6 +339,13 @@ def resolve_weight_range(choice: str) -> str:
     return "7bit" if quant_ort.int8_pairs_saturate() else "8bit"
 
 
+def _machine_params(p: dict) -> dict:
+    """int8 with weight_range "auto": the grid this CPU takes (part of the result's cache key)."""
+    if p.get("mode") == "int8" and p.get("weight_range") == "auto":
+        return {"weight_range": resolve_weight_range("auto")}
+    return {}
+
+
 def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     with torch.inference_mode():
         return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
@@ -434,6 +441,7 @@ SPEC = register(TechniqueSpec(
     apply=apply,
     load=load,
     check=_normalise,
+    machine_params=_machine_params,
     # 2: int8 files store batch norms as scale and shift (since 9: as int8 depthwise convolutions);
     # 3: DenseNets exported as a running concatenation (onnx_export._RunningConcatDenseBlock);
     # 4: fake mode corrects batch-norm statistics (bn_correction);
