@@ -269,7 +269,7 @@ def timed_elsewhere_line(result_cpu: str, here: str) -> str | None:
     if not result_cpu or result_cpu == here:
         return None
     return (f"Latency timed on another CPU ({result_cpu}), not on this one ({here}): its milliseconds and "
-            "speed-ups are that machine's.")
+            "speed-ups are that machine's (delete the run on the Compare page and run it again to time it here).")
 
 
 def cpu_mix_line(frame: pd.DataFrame) -> str | None:
