@@ -237,23 +237,25 @@ def test_runs_timed_on_another_cpu_are_flagged(teacher):
     import dataclasses
     from core import hardware
     from core.results import ResultStore
-    here = hardware.cpu_id()
+    here, elsewhere = hardware.cpu_id(), "Another CPU, 64 cores, AVX512"
     store = ResultStore()
-    if not store.all():
-        visit(new_app(), "pages/quantization.py")
-    mine = store.all()[-1]
-    assert mine.cpu == here
-    other = dataclasses.replace(mine, key=mine.key + "-copied", cpu="Another CPU, 64 cores, AVX512")
-    store.add(other)
+    at = visit(new_app(), "pages/quantization.py")         # the default run (stored by an earlier test)
+    mine = store.get(at.session_state["last_result_key"])
+    assert mine.cpu == here and not any("another CPU" in w.value for w in at.warning)
+    copy = dataclasses.replace(mine, key=mine.key + "-copied", cpu=elsewhere)
+    store.add(copy)
     try:
         at = visit(new_app(), "pages/compare.py")
         warned = [w.value for w in at.warning if "CPUs" in w.value]
-        assert warned and "Another CPU, 64 cores, AVX512: 1 run" in warned[0] and here in warned[0]
+        assert warned and f"{elsewhere}: 1 run" in warned[0] and here in warned[0]
         assert "cpu" in at.dataframe[0].value.columns
+        store.add(dataclasses.replace(mine, cpu=elsewhere))   # the page's own run, as if copied in
+        at = visit(new_app(), "pages/quantization.py")
+        assert any(w.value.startswith(f"Latency timed on another CPU ({elsewhere})") for w in at.warning)
     finally:
-        store.delete(other.key)
-    assert views.timed_elsewhere_line(other.cpu, here).startswith("Latency timed on another CPU (Another CPU")
-    assert views.timed_elsewhere_line(here, here) is None and views.timed_elsewhere_line("", here) is None
+        store.delete(copy.key)
+        store.add(mine)
+    assert views.timed_elsewhere_line("", here) is None          # rows stored before the lab recorded it
     assert views.cpu_mix_line(results_frame([mine])) is None
 
 
