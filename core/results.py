@@ -165,6 +165,15 @@ def results_frame(results: list[ExperimentResult]):
     return pd.DataFrame(rows)
 
 
+def cpu_counts(frame):
+    """Runs per CPU their latency was timed on (results_frame's `cpu`; rows from before it was recorded
+    count as "not recorded"), most runs first; empty without the column."""
+    import pandas as pd
+    if not len(frame) or "cpu" not in frame:
+        return pd.Series(dtype=int)
+    return frame["cpu"].fillna("").replace("", "not recorded").value_counts()
+
+
 def _ratio(a, b):
     try:
         return a / b if a and b else None

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import LabError
 from .models import STUDY_TEACHERS
 from .progress import ProgressFn, emit
-from .results import ExperimentResult, ResultStore, results_frame
+from .results import ExperimentResult, ResultStore, cpu_counts, results_frame
 from .runner import ExperimentConfig, run_experiment
 
 SEED_DATASETS = ["cifar10", "svhn"]
@@ -109,9 +109,9 @@ def _first(frame, column: str):
 
 def _cpu_words(frame) -> str:
     """ ", timed on <CPU>", or the CPUs with their run counts when a copied cache mixes machines."""
-    if not len(frame) or "cpu" not in frame:
+    counts = cpu_counts(frame)
+    if len(counts) == 0 or list(counts.index) == ["not recorded"]:
         return ""
-    counts = frame["cpu"].fillna("").replace("", "a CPU not recorded").value_counts()
     if len(counts) == 1:
         return f", timed on {counts.index[0]}"
     return ", timed on several CPUs: " + "; ".join(f"{cpu} ({n} runs)" for cpu, n in counts.items())

@@ -11,6 +11,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from .results import cpu_counts
+
 TECHNIQUE_COLORS = {"prune": "#e45756", "quantize": "#4c78a8", "distill": "#54a24b", "teacher": "#333333"}
 SERIES_TITLES = {"train": "teacher", "finetune": "fine-tuning", "distill": "distilled student",
                  "scratch": "student from scratch"}
@@ -274,9 +276,7 @@ def timed_elsewhere_line(result_cpu: str, here: str) -> str | None:
 
 def cpu_mix_line(frame: pd.DataFrame) -> str | None:
     """A sentence when the runs' latencies come from several CPUs (a cache copied between machines)."""
-    if frame.empty or "cpu" not in frame:
-        return None
-    counts = frame["cpu"].fillna("").replace("", "not recorded").value_counts()
+    counts = cpu_counts(frame)
     if len(counts) < 2:
         return None
     parts = "; ".join(f"{cpu}: {n} run{'s' * (n != 1)}" for cpu, n in counts.items())
