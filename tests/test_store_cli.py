@@ -99,7 +99,7 @@ def _cache_listing(cache_dir):
 
 
 def test_train_json_then_served_from_cache(capsys, fresh_cache):
-    args = ["train", "--dataset", "shapes", "--model", "resnet34", "--epochs", "1", "--subset", "500",
+    args = ["train", "--dataset", "shapes", "--model", "resnet34", "--epochs", "1", "--subset", "128",
             "--batch-size", "64", "--json", "--quiet"]
     code, out, _ = _cli(capsys, *args)
     first = json.loads(out.strip().splitlines()[-1])
