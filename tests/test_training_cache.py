@@ -124,12 +124,12 @@ def _train_in_child(cache_dir):
     os.environ["COMPRESSION_LAB_CACHE"] = cache_dir
     from core.datasets import load_dataset as ld
     from core.teachers import get_teacher as gt
-    gt(ld("shapes"), _teacher_settings(epochs=3, subset=128), device="cpu", measure=False)
+    gt(ld("shapes"), _teacher_settings(epochs=2, subset=128), device="cpu", measure=False)
 
 
 def test_interrupted_training_leaves_no_finished_teacher_and_resumes(fresh_cache, shapes):
     """Kill a training process mid-run: nothing half-trained is served; a rerun resumes."""
-    s = _teacher_settings(epochs=3, subset=128)
+    s = _teacher_settings(epochs=2, subset=128)
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_train_in_child, args=(str(fresh_cache),))
     p.start()
@@ -145,9 +145,9 @@ def test_interrupted_training_leaves_no_finished_teacher_and_resumes(fresh_cache
     done = ck["epoch"]
     events = []
     t = get_teacher(shapes, s, device="cpu", measure=False, progress=events.append)
-    assert not t.cached and len(t.meta["history"]) == 3
+    assert not t.cached and len(t.meta["history"]) == 2
     trained_epochs = sorted({e.epoch for e in events if e.kind == "epoch"})
-    assert trained_epochs == list(range(done + 1, 4))                # finished epochs not redone
+    assert trained_epochs == list(range(done + 1, 3))                # finished epochs not redone
     assert not partial.exists()
 
 
