@@ -43,10 +43,10 @@ class DataBundle:
     def __post_init__(self):
         if self.mean is None:
             flat = self.train_x.permute(1, 0, 2, 3).reshape(3, -1)
-            mean = flat.double().mean(1) / 255 if flat.shape[1] < 5e7 else flat[:, ::7].double().mean(1) / 255
-            std = flat[:, ::3].double().std(1) / 255
-            self.mean = tuple(round(float(m), 4) for m in mean)
-            self.std = tuple(round(max(float(s), 1e-3), 4) for s in std)
+            means = _channel_stats(flat if flat.shape[1] < 5e7 else flat[:, ::7])[0]
+            stds = _channel_stats(flat[:, ::3])[1]
+            self.mean = tuple(round(float(m) / 255, 4) for m in means)
+            self.std = tuple(round(max(float(s) / 255, 1e-3), 4) for s in stds)
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +75,22 @@ class DataBundle:
         return {"name": self.name, "label": self.label, "classes": self.classes,
                 "train": int(len(self.train_y)), "test": int(len(self.test_y)),
                 "generated": self.generated, "source": self.source}
+
+
+def _channel_stats(flat: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-row mean and sample standard deviation of uint8 values, from a 256-bin histogram.
+
+    The same numbers as converting to float64 first, without the 8-bytes-per-pixel copy: for 50,000
+    CIFAR-10 images that copy took 1.7 s of every load of the dataset."""
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for row in flat:
+        counts = torch.bincount(row.contiguous(), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        means.append(float(mean))
+        stds.append(float(((counts * (values - mean) ** 2).sum() / max(float(n) - 1, 1.0)).sqrt()))
+    return means, stds
 
 
 def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -194,15 +210,19 @@ def dataset_names() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- folder datasets
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _image_files(folder: Path) -> list[str]:
+    # sorted by name = the order of sorted Paths in one folder (the fingerprint depends on it); scandir
+    # and plain strings list a 5,000-image class folder ~10x faster than Path.iterdir/is_file/sort
+    with os.scandir(folder) as entries:
+        return sorted(e.path for e in entries
+                      if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
 
 
 def _class_dirs(split: Path) -> list[Path]:
     return sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_images(files: list[Path]) -> tuple[np.ndarray, list[Path]]:
+def _read_images(files: list[str]) -> tuple[np.ndarray, list[str]]:
     from .images import load_image_32
     out, bad = [], []
     for f in files:
@@ -233,11 +253,12 @@ def _folder(path_text: str) -> DataBundle:
             raise LabError(f"folder dataset {test} has classes not in train/: {', '.join(extra)}")
         test_files = {c: _image_files(test / c) if (test / c).is_dir() else [] for c in classes}
     stat = hashlib.sha256()
+    skip = len(str(root).rstrip(os.sep)) + 1      # f[skip:] == str(Path(f).relative_to(root)), 10x faster
     for group in (files, test_files or {}):
         for c, fs in group.items():
             for f in fs:
-                st = f.stat()
-                stat.update(f"{f.relative_to(root)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+                st = os.stat(f)
+                stat.update(f"{f[skip:]}|{st.st_size}|{int(st.st_mtime)}\n".encode())
     fingerprint = stat.hexdigest()[:16]
     cache_path = settings.cache_dir() / "datasets" / f"folder-{root.name}-{fingerprint}.pt"
     blob = _load_tensor_cache(cache_path)

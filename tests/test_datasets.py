@@ -107,3 +107,31 @@ def test_cifar_and_svhn_arrays_become_nchw_uint8_tensors():
 def test_normalize_uses_dataset_statistics(shapes):
     x = shapes.normalize(shapes.train_x[:2000])
     assert abs(float(x.mean())) < 0.1 and 0.8 < float(x.std()) < 1.2
+
+
+def test_folder_fingerprint_keeps_its_definition_so_cached_teachers_stay_found(tmp_path):
+    """Cached teachers and results are keyed on the fingerprint: a faster listing must not change it."""
+    import hashlib
+    from core.datasets import _folder
+    root = tmp_path / "set"
+    _write_folder(root, ["b", "a"], 12, with_test=True)
+    (root / "train" / "a" / "notes.txt").write_text("not an image")    # not listed
+    (root / "train" / "a" / "UPPER.PNG").write_bytes((root / "train" / "a" / "0.png").read_bytes())
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for f in sorted(p for p in (root / split / c).iterdir() if p.suffix.lower() == ".png"):
+                st = f.stat()
+                h.update(f"{f.relative_to(root)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    d = _folder(str(root))
+    assert d.fingerprint == f"folder-{h.hexdigest()[:16]}" and len(d.train_y) == 25
+
+
+def test_channel_statistics_match_float64_arithmetic():
+    from core.datasets import _channel_stats
+    x = torch.randint(0, 256, (3, 10_001), dtype=torch.uint8)
+    x[1] = 7                                                            # a constant channel
+    means, stds = _channel_stats(x)
+    ref = x.double()
+    assert means == pytest.approx(ref.mean(1).tolist(), rel=1e-12)
+    assert stds == pytest.approx(ref.std(1).tolist(), rel=1e-9, abs=1e-12) and stds[1] == 0
