@@ -9,6 +9,7 @@ from PIL import Image, ImageOps
 from .errors import LabError
 
 MAX_PIXELS = 40_000_000  # refuse decompression bombs well before they eat memory
+DRAFT_SIZE = 128         # a JPEG decoded at reduced scale keeps at least 4x the 32 pixels the models see
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -25,8 +26,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source) -> Image.Image:
-    """Open a path, bytes or file-like as RGB; LabError for non-images, truncation and bombs."""
+def open_image(source, min_size: int | None = None) -> Image.Image:
+    """Open a path, bytes or file-like as RGB; LabError for non-images, truncation and bombs.
+
+    With min_size, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (its DCT allows it) as long as both
+    sides stay at least min_size: for a 32x32 result the pixels hardly change, and a 12-megapixel
+    photo decodes 3.5x faster (README, "Your own images")."""
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     old = Image.MAX_IMAGE_PIXELS
@@ -35,6 +40,8 @@ def open_image(source) -> Image.Image:
         with Image.open(source) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise LabError(f"image is too large ({img.width}×{img.height} pixels)")
+            if min_size:
+                img.draft(None, (min_size, min_size))
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
@@ -60,7 +67,7 @@ def _name(source) -> str:
 
 def load_image_32(source) -> np.ndarray:
     """Any image -> 3×32×32 uint8, resized with antialiasing (as the models see it)."""
-    img = open_image(source)
+    img = open_image(source, min_size=DRAFT_SIZE)
     if img.size != (32, 32):
         img = img.resize((32, 32), Image.BICUBIC, reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
