@@ -115,6 +115,12 @@ def report_corrupt(path: Path, why: str) -> None:
     warnings.warn(f"cache entry {path} is damaged ({why}); treating it as missing", stacklevel=2)
 
 
+def checkpoint_path(kind: str, dataset_fingerprint: str, key: dict) -> Path:
+    """Where an interrupted training run of this exact work keeps its last finished epoch
+    (training.resumable_fit); `key` must hold everything that decides what the run trains."""
+    return settings.cache_dir() / "checkpoints" / slug(dataset_fingerprint) / f"{kind}-{stable_hash(key, 16)}.partial.pt"
+
+
 def teacher_dir(dataset_fingerprint: str, model: str) -> Path:
     return settings.cache_dir() / "teachers" / slug(dataset_fingerprint) / model
 

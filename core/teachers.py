@@ -13,7 +13,7 @@ from .datasets import DataBundle, load_dataset
 from .errors import CorruptCacheEntry, LabError
 from .models import build_model, get_spec
 from .progress import ProgressFn, emit
-from .training import TrainConfig, fit
+from .training import TrainConfig, resumable_fit
 
 RECIPE_VERSION = 2  # bump when the training loop changes what a given config produces
 
@@ -111,26 +111,8 @@ def get_teacher(dataset: str | DataBundle, s: TeacherSettings, *, device: str | 
     model = build_model(s.model, data.num_classes, pretrained=s.pretrained, notices=notices)
     for n in notices:
         emit(progress, stage="train", kind="message", message=n)
-    start, history, opt_state = 0, [], None
-    if partial.exists():
-        try:
-            ck = torch.load(partial, map_location="cpu", weights_only=True)
-            model.load_state_dict(ck["model"])
-            start, history, opt_state = int(ck["epoch"]), list(ck["history"]), ck["optimizer"]
-            emit(progress, stage="train", kind="message",
-                 message=f"resuming {s.model} from epoch {start} of {s.train.epochs}")
-        except Exception:
-            cache.report_corrupt(partial, "unreadable checkpoint")
-            model = build_model(s.model, data.num_classes, pretrained=s.pretrained)
-
-    def checkpoint(epoch, m, opt, hist):
-        if epoch < s.train.epochs:  # the final epoch becomes the finished entry instead
-            state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
-            cache.atomic_torch_save({"model": state, "optimizer": opt.state_dict(), "epoch": epoch,
-                                     "history": hist}, partial)
-
-    history = fit(model, data, s.train, device=device, progress=progress, stage="train",
-                  start_epoch=start, history=history, optimizer_state=opt_state, on_epoch_end=checkpoint)
+    history = resumable_fit(model, data, s.train, partial, what=s.model, device=device, progress=progress,
+                            stage="train")
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     emit(progress, stage="evaluate", kind="message", message="measuring accuracy, size and latency")
     report = metrics.report(model, data, eval_size=0, latency=measure) if measure else None

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cache
 from .datasets import DataBundle
 from .errors import InvalidParameter
 from .progress import ProgressFn, emit
@@ -274,4 +275,36 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "
              epoch=epoch + 1, epochs=cfg.epochs, metrics=row)
     model.eval()
     emit(progress, stage=stage, kind="done")
+    return history
+
+
+def resumable_fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, checkpoint, *, what: str,
+                  progress: ProgressFn = None, stage: str = "train", **fit_kwargs) -> list[dict]:
+    """fit() that leaves an epoch checkpoint at `checkpoint` (unique to this exact work) and resumes
+    after the last finished epoch when an interrupted run left one: a stopped teacher, student or
+    fine-tuning run, asked for again, costs only its unfinished epochs. The caller removes the
+    checkpoint once it has saved what it trained (until then a crash still resumes near the end)."""
+    from pathlib import Path
+    checkpoint = Path(checkpoint)
+    start, history, opt_state = 0, [], None
+    if checkpoint.exists():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(ck["model"])
+            start, history, opt_state = int(ck["epoch"]), list(ck["history"]), ck["optimizer"]
+            emit(progress, stage=stage, kind="message", message=f"resuming {what} from epoch {start} of {cfg.epochs}")
+        except Exception:
+            model.load_state_dict(before)   # a failed load may have copied some tensors already
+            start, history, opt_state = 0, [], None
+            cache.report_corrupt(checkpoint, "unreadable checkpoint")
+
+    def save(epoch, m, opt, hist):
+        if epoch < cfg.epochs:  # the final epoch becomes the caller's finished entry instead
+            state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+            cache.atomic_torch_save({"model": state, "optimizer": opt.state_dict(), "epoch": epoch,
+                                     "history": hist}, checkpoint)
+
+    history = fit(model, data, cfg, progress=progress, stage=stage, start_epoch=start, history=history,
+                  optimizer_state=opt_state, on_epoch_end=save, **fit_kwargs)
     return history

@@ -111,12 +111,12 @@ def test_teacher_logits_computed_once(make_teacher, shapes, monkeypatch):
 def test_distill_experiment_scratch_cache_and_repeat(make_teacher, shapes, monkeypatch):
     teacher = make_teacher()
     fits = []
-    real_fit = kd.fit
+    real_fit = kd.resumable_fit
 
     def counting_fit(*a, **kw):
         fits.append(kw.get("stage"))
         return real_fit(*a, **kw)
-    monkeypatch.setattr(kd, "fit", counting_fit)
+    monkeypatch.setattr(kd, "resumable_fit", counting_fit)
 
     params = {"student": "resnet8", "epochs": 2, "subset": 256, "batch_size": 64, "temperature": 4.0, "alpha": 0.9}
     cfg = ExperimentConfig("shapes", "resnet34", "distill", params, eval_size=200, teacher_train=TEACHER_CFG)
@@ -176,3 +176,28 @@ def test_students_train_in_the_recipe_precision_and_are_cached_by_it(monkeypatch
     assert fp32.precision == "fp32"
     # a from-scratch twin trained in one precision is never served for the other
     assert kd.scratch_path(shapes, "resnet8", bf16) != kd.scratch_path(shapes, "resnet8", fp32)
+
+
+def test_an_interrupted_distillation_resumes_after_its_last_finished_epoch(make_teacher, shapes):
+    """Stopped mid-run (a slider moved in the app, Ctrl-C in the CLI), the same request later trains only the
+    unfinished epochs, and ends with the very student an uninterrupted run makes."""
+    teacher = make_teacher()
+    params = kd.SPEC.validate({"student": "resnet8", "epochs": 3, "subset": 256, "batch_size": 64,
+                               "temperature": 3.0})
+    partial = kd._kd_checkpoint(teacher, shapes, params, kd._train_config(params, kd.KD_AUGMENT, "cpu"))
+
+    def stop_after_epoch_1(ev):
+        if ev.stage == "distill" and ev.kind == "epoch" and ev.epoch == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        kd.distill_student(teacher, shapes, params, progress=stop_after_epoch_1, eval_size=100)
+    assert partial.exists()
+    events = []
+    resumed, hist, _ = kd.distill_student(teacher, shapes, params, progress=events.append, eval_size=100)
+    assert [e.epoch for e in events if e.kind == "epoch"] == [2, 3]           # epoch 1 not trained again
+    assert any("resuming the distilled resnet8 from epoch 1 of 3" in e.message for e in events if e.message)
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and not partial.exists()
+    whole, hist_whole, _ = kd.distill_student(teacher, shapes, params, eval_size=100)   # no checkpoint left
+    assert [h["val_accuracy"] for h in hist] == [h["val_accuracy"] for h in hist_whole]
+    for (k, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -181,13 +181,13 @@ def test_bn_correction_after_structured_pruning_matches_each_kept_channel_to_the
 def test_finetuning_uses_the_recipe_precision(make_teacher, shapes, spec, monkeypatch):
     import core.training as training
     teacher = make_teacher("resnet34", subset=RN_SUBSET)
-    seen, real_fit = [], pruning.fit
+    seen, real_fit = [], pruning.resumable_fit
 
-    def spy(model, data, cfg, **kw):
+    def spy(model, data, cfg, checkpoint, **kw):
         seen.append(cfg.precision)
-        return real_fit(model, data, cfg, **kw)
+        return real_fit(model, data, cfg, checkpoint, **kw)
 
-    monkeypatch.setattr(pruning, "fit", spy)
+    monkeypatch.setattr(pruning, "resumable_fit", spy)
     p = spec.validate({"ratio": 0.3, "finetune_epochs": 1, "finetune_subset": 64})
     for supported in (True, False):
         monkeypatch.setattr(training, "bf16_training_supported", lambda device, s=supported: s)
@@ -269,3 +269,30 @@ def test_unstructured_global_differs_from_layerwise(make_teacher):
     assert all(s == pytest.approx(0.5, abs=1e-3) for s in layer)
     assert total_g == pytest.approx(0.5, abs=1e-4)
     assert max(glob) - min(glob) > 0.1        # one threshold: layers end up with different sparsity
+
+
+def test_interrupted_finetuning_resumes_with_its_pruned_weights_and_masks(make_teacher, shapes, spec):
+    """A stopped fine-tuning run, asked for again, trains only its unfinished epochs. Unstructured with
+    random importance: the masks cannot be recomputed, so they must come back from the checkpoint."""
+    teacher = make_teacher("resnet34", subset=RN_SUBSET)
+    p = spec.validate({"ratio": 0.5, "method": "unstructured", "importance": "random", "finetune_epochs": 2,
+                       "finetune_subset": 128})
+
+    def stop_after_epoch_1(ev):
+        if ev.stage == "finetune" and ev.kind == "epoch" and ev.epoch == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        spec.apply(Context(teacher, shapes, p, progress=stop_after_epoch_1, eval_size=64))
+    partials = list((cache_dir() / "checkpoints").rglob("finetune-resnet34-*.partial.pt"))
+    assert len(partials) == 1
+    first_masks = {k: v for k, v in torch.load(partials[0], weights_only=True)["model"].items() if k.endswith("_mask")}
+    events = []
+    out = spec.apply(Context(teacher, shapes, p, progress=events.append, eval_size=64))
+    assert [e.epoch for e in events if e.kind == "epoch"] == [2] and [h["epoch"] for h in out.history] == [1, 2]
+    assert any("resuming fine-tuning from epoch 1 of 2" in e.message for e in events if e.message)
+    assert not partials[0].exists()
+    # the zeros are the ones of the interrupted run (a new random draw would put them elsewhere)
+    weights = dict(out.model.named_parameters())
+    for k, mask in first_masks.items():
+        w = weights[k[:-len("_mask")]]
+        assert torch.equal(w == 0, mask == 0), k

@@ -24,7 +24,7 @@ from .. import cache, settings
 from ..errors import CorruptCacheEntry, LabError
 from ..models import DEFAULT_STUDENT, STUDENTS, build_model
 from ..progress import ProgressFn, emit
-from ..training import TrainConfig, fit, predict_logits, training_indices, training_precision
+from ..training import TrainConfig, predict_logits, resumable_fit, training_indices, training_precision
 from . import register
 from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
 
@@ -179,13 +179,15 @@ def scratch_student(data, student: str, cfg: TrainConfig, *, eval_size: int = 10
             emit(progress, stage="scratch", kind="message",
                  message=f"training {student} from scratch with the same budget, for comparison")
             model = _new_student(student, data.num_classes, cfg.seed)
-            history = fit(model, data, cfg, device=device, progress=progress, stage="scratch",
-                          eval_size=eval_size)
+            partial = path.with_suffix(".partial.pt")
+            history = resumable_fit(model, data, cfg, partial, what=f"the from-scratch {student}", device=device,
+                                    progress=progress, stage="scratch", eval_size=eval_size)
             model = _to_shipping(model)
             meta = cache.save_entry(path, student_state(model, student, data.num_classes),
                                     {"kind": "student", "student": student, "num_classes": data.num_classes,
                                      "dataset": data.name, "settings": scratch_key(data, student, cfg),
                                      "history": history})
+            partial.unlink(missing_ok=True)
         metrics = None
         if metrics_path.exists():
             try:
@@ -210,9 +212,17 @@ def distill_student(teacher, data, params: dict, *, device: str = "cpu", progres
         return kd_loss(student_out, logits[sample_indices.to(device)], targets, t, a)
 
     model = _new_student(params["student"], data.num_classes, cfg.seed)
-    history = fit(model, data, cfg, device=device, loss_fn=loss_fn, progress=progress, stage="distill",
-                  eval_size=eval_size)
+    partial = _kd_checkpoint(teacher, data, params, cfg)
+    history = resumable_fit(model, data, cfg, partial, what=f"the distilled {params['student']}", device=device,
+                            loss_fn=loss_fn, progress=progress, stage="distill", eval_size=eval_size)
+    partial.unlink(missing_ok=True)
     return _to_shipping(model), history, computed
+
+
+def _kd_checkpoint(teacher, data, params: dict, cfg: TrainConfig) -> Path:
+    key = {"teacher": teacher.meta.get("sha256") or str(teacher.path), "params": params, "train": cfg.key(),
+           "version": SPEC.version}
+    return cache.checkpoint_path(f"distill-{params['student']}", data.fingerprint, key)
 
 
 # ----------------------------------------------------------------------------- the technique
