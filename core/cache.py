@@ -121,6 +121,21 @@ def checkpoint_path(kind: str, dataset_fingerprint: str, key: dict) -> Path:
     return settings.cache_dir() / "checkpoints" / slug(dataset_fingerprint) / f"{kind}-{stable_hash(key, 16)}.partial.pt"
 
 
+MAX_CHECKPOINTS = 8   # runs stopped and never asked for again; a pruned ResNet-34's takes ~250 MB
+
+
+def trim_checkpoints(keep: int = MAX_CHECKPOINTS) -> None:
+    """Keep the `keep` most recently written checkpoints: a class moving sliders mid-run leaves many."""
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    files = sorted((settings.cache_dir() / "checkpoints").rglob("*.partial.pt"), key=mtime, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def teacher_dir(dataset_fingerprint: str, model: str) -> Path:
     return settings.cache_dir() / "teachers" / slug(dataset_fingerprint) / model
 

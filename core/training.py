@@ -304,6 +304,7 @@ def resumable_fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, checkpoi
             state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
             cache.atomic_torch_save({"model": state, "optimizer": opt.state_dict(), "epoch": epoch,
                                      "history": hist}, checkpoint)
+            cache.trim_checkpoints()
 
     history = fit(model, data, cfg, progress=progress, stage=stage, start_epoch=start, history=history,
                   optimizer_state=opt_state, on_epoch_end=save, **fit_kwargs)

@@ -233,3 +233,17 @@ def test_bf16_precision_runs_layers_in_bf16_keeps_fp32_weights_and_learns(shapes
     assert recipe_for(shapes, "resnet34", "mps").precision == "fp32"
     with pytest.raises(InvalidParameter, match="precision"):
         TrainConfig(precision="fp8").validate()
+
+
+def test_only_the_newest_checkpoints_of_stopped_runs_are_kept(fresh_cache):
+    import os
+    folder = fresh_cache / "checkpoints" / "shapes"
+    folder.mkdir(parents=True)
+    for i in range(cache.MAX_CHECKPOINTS + 3):
+        f = folder / f"finetune-{i}.partial.pt"
+        f.write_bytes(b"x")
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))
+    (folder / "keep.txt").write_text("not a checkpoint")
+    cache.trim_checkpoints()
+    left = sorted(int(p.name.split("-")[1].split(".")[0]) for p in folder.glob("*.partial.pt"))
+    assert left == list(range(3, cache.MAX_CHECKPOINTS + 3)) and (folder / "keep.txt").exists()
