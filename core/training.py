@@ -10,6 +10,7 @@ import math
 import time
 import dataclasses
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -278,13 +279,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str = "
     return history
 
 
-def resumable_fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, checkpoint, *, what: str,
+def resumable_fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, checkpoint: Path, *, what: str,
                   progress: ProgressFn = None, stage: str = "train", **fit_kwargs) -> list[dict]:
     """fit() that leaves an epoch checkpoint at `checkpoint` (unique to this exact work) and resumes
     after the last finished epoch when an interrupted run left one: a stopped teacher, student or
     fine-tuning run, asked for again, costs only its unfinished epochs. The caller removes the
     checkpoint once it has saved what it trained (until then a crash still resumes near the end)."""
-    from pathlib import Path
     checkpoint = Path(checkpoint)
     start, history, opt_state = 0, [], None
     if checkpoint.exists():
