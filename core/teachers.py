@@ -1,7 +1,6 @@
 """Teachers: train (resumably) or load from the cache, keyed by dataset, model and settings."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,8 +122,5 @@ def get_teacher(dataset: str | DataBundle, s: TeacherSettings, *, device: str | 
             "train_seconds": sum(h["seconds"] for h in history)}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = cache.save_entry(path, state, meta)
-    try:
-        os.unlink(partial)
-    except OSError:
-        pass
+    partial.unlink(missing_ok=True)   # only now: a crash before the save still resumes near the end
     return Teacher(model, meta, path, cached=False)

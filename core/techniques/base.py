@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from .. import cache
 from ..errors import InvalidParameter
 from ..progress import ProgressFn
 
@@ -77,6 +78,14 @@ class Context:
     device: str = "cpu"
     progress: ProgressFn = None
     eval_size: int = 1000
+
+
+def run_checkpoint(kind: str, teacher, data, params: dict, train_key: dict, version: int):
+    """Where a technique's interrupted training run (fine-tuning, a KD student) keeps its last finished
+    epoch: unique to the teacher's weights, the data, the parameters and the training settings."""
+    key = {"teacher": teacher.meta.get("sha256") or str(teacher.path), "params": params, "train": train_key,
+           "version": version}
+    return cache.checkpoint_path(kind, data.fingerprint, key)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ..models import DEFAULT_STUDENT, STUDENTS, build_model
 from ..progress import ProgressFn, emit
 from ..training import TrainConfig, predict_logits, resumable_fit, training_indices, training_precision
 from . import register
-from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
+from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, run_checkpoint
 
 KD_AUGMENT = False       # plain student inputs, matching the cached logits (measured: docs/bench_distillation.md)
 STUDENT_RECIPE = 1       # bump when what a given scratch-student budget produces changes
@@ -220,9 +220,7 @@ def distill_student(teacher, data, params: dict, *, device: str = "cpu", progres
 
 
 def _kd_checkpoint(teacher, data, params: dict, cfg: TrainConfig) -> Path:
-    key = {"teacher": teacher.meta.get("sha256") or str(teacher.path), "params": params, "train": cfg.key(),
-           "version": SPEC.version}
-    return cache.checkpoint_path(f"distill-{params['student']}", data.fingerprint, key)
+    return run_checkpoint(f"distill-{params['student']}", teacher, data, params, cfg.key(), SPEC.version)
 
 
 # ----------------------------------------------------------------------------- the technique

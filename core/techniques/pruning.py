@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-from .. import cache, metrics
+from .. import metrics
 from ..errors import InvalidParameter, LabError
 from ..models import build_model
 from ..progress import emit
 from ..training import TrainConfig, resumable_fit, training_precision
 from . import bn_correction, register
-from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec
+from .base import Context, ParamSpec, TechniqueOutput, TechniqueSpec, run_checkpoint
 
 STRUCTURED_MAX_RATIO = 0.9
 STATE_FORMAT = "prune-v1"
@@ -90,9 +90,7 @@ def _finetune(model: nn.Module, ctx: Context, p: dict) -> list[dict]:
     cfg = TrainConfig(epochs=p["finetune_epochs"], subset=p["finetune_subset"], lr=p["finetune_lr"],
                       precision=training_precision(ctx.device))
     # the pruned model is rebuilt the same way on a rerun; the checkpoint restores its weights (and masks)
-    key = {"teacher": ctx.teacher.meta.get("sha256") or str(ctx.teacher.path), "params": p, "train": cfg.key(),
-           "version": SPEC.version}
-    partial = cache.checkpoint_path(f"finetune-{ctx.teacher.name}", ctx.data.fingerprint, key)
+    partial = run_checkpoint(f"finetune-{ctx.teacher.name}", ctx.teacher, ctx.data, p, cfg.key(), SPEC.version)
     history = resumable_fit(model, ctx.data, cfg, partial, what="fine-tuning", device=ctx.device,
                             progress=ctx.progress, stage="finetune", eval_size=ctx.eval_size)
     partial.unlink(missing_ok=True)
