@@ -1,6 +1,7 @@
 """End to end in a real browser: headless Debian Chromium drives `streamlit run app.py`.
 
-Runs a quantization, moves its bits slider with the keyboard, uploads a good image, a non-image and a file over the size limit; screenshots go
+Runs a quantization, moves its bits slider with the keyboard, uploads a good image, a non-image and a file over the size limit;
+opens a deep link as the first visit to a fresh server (a reloaded tab after a restart); screenshots go
 to test-artifacts/ (git-ignored). Skipped, with the reason, only when chromium, its driver or
 selenium are missing (CI installs them).
 """
@@ -22,6 +23,42 @@ def _slider_thumb(driver, label: str):
         if box.text.split("\n")[0].strip() == label:
             return box.find_element("css selector", "input[type='range']")
     return None
+
+
+def _sidebar_labels(driver) -> list[str]:
+    return [e.text for e in driver.find_elements("css selector", "[data-testid='stSidebar'] [data-testid='stWidgetLabel']")]
+
+
+def _nav_entries(driver) -> list[str]:
+    return [e.text.split("\n")[-1] for e in driver.find_elements("css selector", "[data-testid='stSidebarNav'] a")]
+
+
+def _full_app(driver, title: str) -> None:
+    """app.py ran: its sidebar and wide layout, its navigation (no helper module), and the requested page."""
+    def ready(d):
+        return ("Dataset" in _sidebar_labels(d) and "Quantization" in _nav_entries(d)
+                and title in [h.text for h in d.find_elements("css selector", "[data-testid='stMain'] h1")])
+    wait_for(driver, ready, 30, f"app.py's sidebar (Dataset), navigation and the {title!r} page")
+    nav = _nav_entries(driver)
+    assert "Quantization" in nav and not {"shared", "technique", "app"} & {n.lower() for n in nav}, nav
+    assert driver.find_element("css selector", "[data-testid='stAppViewContainer']").get_attribute("data-layout") == "wide"
+    assert [h.text for h in driver.find_elements("css selector", "[data-testid='stMain'] h1")] == [title]
+    assert not exceptions_on_page(driver)
+
+
+def test_deep_link_as_first_visit_gets_the_full_app(tmp_path):
+    """A fresh server whose first request is /quantization runs app.py (not pages/quantization.py alone, as Streamlit
+    does for an app with a pages/ folder until st.navigation runs); a later session on / is the full app too."""
+    log = ART / "browser-deep-link-streamlit.log"
+    with streamlit_server(tmp_path / "cache", log) as url:     # an empty cache: nothing trains, nothing runs
+        with chromium() as d, screenshot_on_failure(d, ART / "browser-deep-link-failure.png"):
+            d.get(f"{url}/quantization")
+            _full_app(d, "Quantization")
+            assert d.current_url == f"{url}/quantization"
+        with chromium() as d, screenshot_on_failure(d, ART / "browser-deep-link-failure-home.png"):
+            d.get(url)
+            _full_app(d, "Model Compression Lab")
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
 
 
 def test_quantize_and_upload_in_a_real_browser(make_teacher, tmp_path):
