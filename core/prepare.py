@@ -196,13 +196,14 @@ class _Tracker:
 def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epochs: int | None = None,
             budget_minutes: float | None = None, device: str | None = None, progress: ProgressFn = None,
             data_root=None, base: TrainConfig | None = None, threads: int | None = None,
-            measure: bool = True) -> dict:
+            measure: bool = True, train=None) -> dict:
     """Train or load every selected teacher (default: the study's four) and return a summary.
 
     epochs: per model (default TrainConfig's); with budget_minutes it is the most any model gets
     and the plan fits the budget using timed estimates. `base` carries the other settings.
     Interrupting (Ctrl-C, or an exception raised from `progress`) keeps finished epochs: calling
-    again with the same arguments resumes them.
+    again with the same arguments resumes them. `train(data, settings, device, progress, measure)`
+    trains one teacher (default: here, in this process; the CLI passes the job layer's).
     """
     from .settings import default_device
     if epochs is not None and not (isinstance(epochs, int) and 1 <= epochs <= 500):
@@ -211,6 +212,7 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
                                            and 0 < budget_minutes <= 100_000):
         raise InvalidParameter("budget_minutes", budget_minutes, "a number of minutes in (0, 100000]")
     models = _validate_models(models)
+    train = train or _train_here
     data = dataset if isinstance(dataset, DataBundle) else load_dataset(dataset, data_root)
     given = base.validate() if base else None
     device = device or default_device()
@@ -269,13 +271,30 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
             continue
         tracker.start_job(j)
         t0 = time.perf_counter()
-        j["teacher"] = get_teacher(data, j["settings"], device=device, progress=tracker, measure=measure)
+        j["teacher"] = train(data, j["settings"], device, tracker, measure)
         j["seconds"] = time.perf_counter() - t0
         tracker.finish_job(j)
     emit(progress, stage="prepare", kind="done")
     return {"dataset": data.name, "dataset_label": data.label, "device": device, **thread_info,
             "budget_minutes": budget_minutes, "plan_file": str(plan_file) if plan_file else None,
             "seconds": time.perf_counter() - t_start, "teachers": [_summary(j) for j in jobs]}
+
+
+def _train_here(data, s: TeacherSettings, device, progress, measure):
+    return get_teacher(data, s, device=device, progress=progress, measure=measure)
+
+
+def train_on_job_layer(address: str | None = None, data_root=None):
+    """A `train` for prepare() that runs each teacher in a long-lane Ray worker."""
+    def train(data, s: TeacherSettings, device, progress, measure):
+        from . import jobs
+        from .teachers import load_teacher_file
+        out = jobs.run("train", {"dataset": data.name, "data_root": data_root, "model": s.model,
+                                 "train": dataclasses.asdict(s.train), "pretrained": s.pretrained,
+                                 "device": device, "measure": measure},
+                       progress=progress, address=address, label=f"prepare {s.model} on {data.name}")
+        return load_teacher_file(Path(out["path"]))
+    return train
 
 
 def _text(seconds_per_epoch, n):

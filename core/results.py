@@ -39,6 +39,7 @@ class ExperimentResult:
     runtime: str = "pytorch-eager"
     notes: list = field(default_factory=list)
     cpu: str = ""                     # the CPU latency was timed on (hardware.cpu_id); "" in older rows
+    engine: dict = field(default_factory=dict)   # where it ran: {"kind", "address", "node", "local"}
     created: float = field(default_factory=time.time)
     cached: bool = False
 
@@ -57,7 +58,8 @@ class ExperimentResult:
                "params": self.params, "baseline": pick(self.baseline), "compressed": pick(self.compressed),
                "eval_images": self.eval_images, "seconds": self.seconds, "cached": self.cached,
                "key": self.key, "model_path": self.model_path, "runtime": self.runtime,
-               "notes": self.notes, "history": self.history, "timings": self.timings, "cpu": self.cpu}
+               "notes": self.notes, "history": self.history, "timings": self.timings, "cpu": self.cpu,
+               "engine": self.engine}
         if self.technique == "distill" or self.scratch is not None:
             out["scratch"] = pick(self.scratch)
             out["scratch_history"] = self.scratch_history
@@ -150,7 +152,8 @@ def results_frame(results: list[ExperimentResult]):
         row = {"key": r.key, "created": pd.Timestamp(r.created, unit="s"), "dataset": r.dataset,
                "model": r.model, "technique": r.technique, "setting": r.label(),
                "params": json.dumps(r.params, sort_keys=True), "eval_images": r.eval_images,
-               "seconds": r.seconds, "runtime": r.runtime, "cpu": r.cpu}
+               "seconds": r.seconds, "runtime": r.runtime, "cpu": r.cpu,
+               "node": (r.engine or {}).get("node", "")}
         for side in ("baseline", "compressed"):
             for k in METRIC_KEYS:
                 row[f"{side}_{k}"] = getattr(r, side).get(k)

@@ -211,11 +211,11 @@ def _predict(model, data, x, device, dtype):
 
 def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
                    store: ResultStore | None = None, teacher: Teacher | None = None,
-                   data=None) -> ExperimentResult:
+                   data=None, where: dict | None = None) -> ExperimentResult:
     """Validate, get the teacher, apply the technique to a copy, measure, save, store.
 
-    `teacher` and `data`, when the caller already holds them (the app keeps both in memory), skip
-    reloading them; the teacher is never modified.
+    `teacher` and `data`, when the caller already holds them (a warm worker keeps both in memory), skip
+    reloading them; the teacher is never modified. `where` (the job layer's engine and node) is recorded.
     """
     cfg = cfg.validate()
     store = store or ResultStore()
@@ -258,10 +258,25 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
             params=cfg.params, baseline=baseline, compressed=compressed, eval_images=compressed["eval_images"],
             seconds=time.perf_counter() - t0, timings=timings, history=out.history, scratch=out.scratch,
             scratch_history=out.scratch_history, model_path=str(path), teacher_path=str(teacher.path),
-            runtime=out.runtime, notes=out.notes, cpu=hardware.cpu_id())
+            runtime=out.runtime, notes=out.notes, cpu=hardware.cpu_id(), engine=dict(where or {}))
         store.add(result)
         emit(progress, stage=cfg.technique, kind="done")
         return result
+
+
+def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner: str = "cli",
+                      address: str | None = None) -> ExperimentResult:
+    """run_experiment on the job layer (a Ray worker): the CLI and sweeps; the caller waits."""
+    from . import jobs
+    from .predict import latest_teacher_entry
+    from dataclasses import asdict
+    cfg = cfg.validate()
+    data = load_dataset(cfg.dataset, cfg.data_root)   # missing data fails here, before any worker starts
+    trains = get_technique(cfg.technique).trains(cfg.params) or cfg.teacher_train is not None \
+        or latest_teacher_entry(data, cfg.model) is None
+    out = jobs.run("compress", asdict(cfg), progress=progress, owner=owner, address=address,
+                   lane="long" if trains else "interactive", label=f"{cfg.technique} {cfg.model} on {data.name}")
+    return ExperimentResult.from_dict(out)
 
 
 def _cached_result(store: ResultStore, key: str) -> ExperimentResult | None:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LabError
 from .models import STUDY_TEACHERS
 from .progress import ProgressFn, emit
 from .results import ExperimentResult, ResultStore, cpu_counts, results_frame
-from .runner import ExperimentConfig, run_experiment
+from .runner import ExperimentConfig
+from .training import recipe_for
 
 SEED_DATASETS = ["cifar10", "svhn"]
 
@@ -49,21 +50,41 @@ class SweepPlan:
 
 
 def run_sweep(plan: SweepPlan, progress: ProgressFn = None, store: ResultStore | None = None,
-              data_root=None, device=None, on_result=None) -> list[ExperimentResult]:
-    """Run every cell (validated up front, so a typo fails before hours of work)."""
-    store = store or ResultStore()
-    configs = [c.validate() for c in plan.configs(data_root, device)]
+              data_root=None, device=None, on_result=None, address: str | None = None) -> list[ExperimentResult]:
+    """Run every cell (validated up front, so a typo fails before hours of work) on the job layer:
+    missing teachers are trained first (once each), then all cells run in parallel across the
+    engine's workers; results come back in the plan's order."""
+    from . import jobs
     from .datasets import load_dataset
-    for ds in plan.datasets:          # missing data fails now, not after the first dataset's cells
-        load_dataset(ds, data_root)
+    from .predict import latest_teacher_entry
+    from .techniques import get_technique
+    configs = [c.validate() for c in plan.configs(data_root, device)]
+    datas = {ds: load_dataset(ds, data_root) for ds in plan.datasets}   # missing data fails now
+    lab = jobs.manager(address)
+    teachers = []
+    for ds, model in dict.fromkeys((c.dataset, c.model) for c in configs):
+        if latest_teacher_entry(datas[ds], model) is None:
+            emit(progress, stage="sweep", kind="message", message=f"training the {model} teacher on {ds} first")
+            train = recipe_for(datas[ds], model, device)
+            teachers.append(lab.submit("train", {"dataset": ds, "data_root": data_root, "model": model,
+                                                 "train": asdict(train), "pretrained": False, "device": device},
+                                       label=f"train {model} on {ds}"))
+    for job in teachers:
+        job.follow(progress)
+    submitted = []
+    for cfg in configs:
+        lane = "long" if get_technique(cfg.technique).trains(cfg.params) else "interactive"
+        payload = dict(asdict(cfg), store=str(store.path) if store else None)
+        submitted.append(lab.submit("compress", payload, lane=lane,
+                                    label=f"{cfg.dataset} {cfg.model} {cfg.technique} {cfg.params}"))
+    emit(progress, stage="sweep", kind="message", message=f"{len(submitted)} cells on {lab.status()['workers']} workers")
     results = []
-    for i, cfg in enumerate(configs):
-        emit(progress, stage="sweep", kind="message",
-             message=f"[{i + 1}/{len(configs)}] {cfg.dataset} {cfg.model} {cfg.technique} {cfg.params}")
-        r = run_experiment(cfg, progress=progress, store=store)
+    for i, job in enumerate(submitted):
+        r = ExperimentResult.from_dict(job.follow())
+        r.cached = r.cached or bool(job.result and job.result.get("cached"))
         results.append(r)
         if on_result:
-            on_result(i + 1, len(configs), r)
+            on_result(i + 1, len(submitted), r)
     return results
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import cache, metrics
+from . import cache, metrics, settings
 from .datasets import DataBundle, load_dataset
 from .errors import CorruptCacheEntry, LabError
 from .models import build_model, get_spec
@@ -103,8 +103,16 @@ def get_teacher(dataset: str | DataBundle, s: TeacherSettings, *, device: str | 
         return found
     if not train_if_missing:
         raise LabError(f"no cached {s.model} teacher for {data.label}; train one first")
-    device = device or default_device()
     path = weights_path(data, s)
+    with cache.file_lock(f"teacher-{path.stem}"):   # a second process waits, then loads what the first trained
+        found = find_teacher(data, s)
+        if found is not None:
+            return found
+        return _train_teacher(data, s, path, device or default_device(), progress, measure)
+
+
+def _train_teacher(data: DataBundle, s: TeacherSettings, path: Path, device: str, progress: ProgressFn,
+                   measure: bool) -> Teacher:
     partial = path.with_suffix(".partial.pt")
     notices: list[str] = []
     model = build_model(s.model, data.num_classes, pretrained=s.pretrained, notices=notices)
@@ -124,3 +132,30 @@ def get_teacher(dataset: str | DataBundle, s: TeacherSettings, *, device: str | 
     meta = cache.save_entry(path, state, meta)
     partial.unlink(missing_ok=True)   # only now: a crash before the save still resumes near the end
     return Teacher(model, meta, path, cached=False)
+
+
+def delete_teacher_file(path: Path) -> list[Path]:
+    """Remove a cached teacher: its weights, sidecar and any unfinished checkpoint; the removed paths.
+
+    Only files under the cache's teachers/ folder are touched, whatever path is passed in."""
+    path = Path(path).resolve()
+    root = (settings.cache_dir() / "teachers").resolve()
+    if root not in path.parents or path.suffix != ".pt":
+        raise LabError(f"{path} is not a cached teacher")
+    removed = []
+    for p in (path, cache.sidecar_path(path), path.with_suffix(".partial.pt")):
+        if p.exists():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def teacher_summary(t: Teacher) -> dict:
+    """The train command's --json shape (and the train job's result)."""
+    m = t.meta.get("metrics") or {}
+    return {"dataset": t.meta["dataset"], "dataset_label": t.meta.get("dataset_label"), "model": t.meta["model"],
+            "accuracy": m.get("accuracy"), "size_bytes": m.get("size_bytes"), "gzip_bytes": m.get("gzip_bytes"),
+            "params": m.get("params"), "macs": m.get("macs"), "latency_ms_b1": m.get("latency_ms_b1"),
+            "latency_ms_b64": m.get("latency_ms_b64"), "threads": m.get("threads"),
+            "history": t.meta.get("history", []), "cached": t.cached, "path": str(t.path),
+            "settings": t.meta.get("settings"), "eval_images": m.get("eval_images")}

@@ -7,12 +7,16 @@ import pytest
 _SESSION_CACHE = tempfile.mkdtemp(prefix="lab-test-cache-")
 os.environ["COMPRESSION_LAB_CACHE"] = _SESSION_CACHE
 os.environ["COMPRESSION_LAB_OFFLINE"] = "1"
+os.environ.pop("RAY_ADDRESS", None)   # the tests start their own engine (and their own test clusters)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see docs/teachers.md (threads)
 os.environ.setdefault("COMPRESSION_LAB_DATA", os.path.join(_SESSION_CACHE, "data"))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The session's cache holds hundreds of MB of models: gone afterwards unless asked to keep it."""
+    """The session's cache holds hundreds of MB of models: gone afterwards unless asked to keep it.
+    The job layer's Ray workers (started by the first test that submits a job) stop first."""
+    from core import jobs
+    jobs.shutdown()
     if not os.environ.get("LAB_KEEP_TEST_CACHE"):
         import shutil
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

@@ -2,9 +2,8 @@ import json
 import time
 
 import pytest
-import torch
 
-from core import hardware
+from core import hardware, jobs
 from core.cli import main
 from core.results import ResultStore
 from core.sweep import SweepPlan, best_per_dataset, report_markdown, run_sweep, write_report
@@ -71,8 +70,11 @@ def test_compress_cli_json_shape(teacher, capsys):
     assert out["params"]["bits"] == 6 and out["eval_images"] == 200 and 0 <= out["compressed"]["accuracy"] <= 1
     assert out["compressed"]["size_bytes"] < out["baseline"]["size_bytes"] / 4
     assert out["cpu"] == hardware.cpu_id() and out["cpu"].startswith(hardware.cpu_summary()["name"])
-    for side in ("baseline", "compressed"):   # batch 1 timed on one thread, side by side
-        assert out[side]["threads_b1"] == 1 and out[side]["threads"] == torch.get_num_threads()
+    # timed in an interactive worker, side by side: batch 1 on one thread, batch 64 on the worker's threads
+    worker_threads = {w["threads"] for w in jobs.manager().warm_up() if w["lane"] == "interactive"}
+    for side in ("baseline", "compressed"):
+        assert out[side]["threads_b1"] == 1 and out[side]["threads"] in worker_threads
+    assert out["engine"]["kind"] == "ray" and out["engine"]["local"] is True and out["engine"]["node"]
 
 
 def test_report_shows_every_score_and_what_distillation_adds():

@@ -40,6 +40,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best present)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_engine_arg(p)
+
+
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run on this Ray cluster (env RAY_ADDRESS); default: the lab's own Ray on this machine")
 
 
 def progress_for(args):

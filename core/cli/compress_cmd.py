@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..runner import ExperimentConfig, run_experiment
+from ..runner import ExperimentConfig, submit_experiment
 from ..techniques import get_technique
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
 
@@ -64,8 +64,8 @@ def params_from_args(args) -> dict:
 def run(args) -> int:
     cfg = ExperimentConfig(dataset=args.dataset, model=args.model, technique=args.technique,
                            params=params_from_args(args), eval_size=args.eval_size,
-                           data_root=args.data_root, device=args.device)
-    result = run_experiment(cfg, progress=progress_for(args))
+                           data_root=args.data_root, device=args.device).validate()
+    result = submit_experiment(cfg, progress=progress_for(args), address=args.ray_address)
     if args.json:
         print_json(result.summary())
         return 0

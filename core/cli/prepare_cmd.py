@@ -5,7 +5,7 @@ import sys
 
 from ..estimate import human_duration
 from ..models import STUDY_TEACHERS
-from ..prepare import MAX_EPOCHS, prepare
+from ..prepare import MAX_EPOCHS, prepare, train_on_job_layer
 from ..progress import Event
 from .common import add_data_args, float_range, int_range, print_json
 
@@ -83,7 +83,8 @@ def run(args) -> int:
     bar = OverallBar(disable=args.quiet)
     try:
         out = prepare(args.dataset, args.models, epochs=args.epochs, budget_minutes=args.budget_minutes,
-                      device=args.device, progress=bar, data_root=args.data_root, threads=args.threads)
+                      device=args.device, progress=bar, data_root=args.data_root, threads=args.threads,
+                      train=train_on_job_layer(args.ray_address, args.data_root))
     finally:
         bar.close()
     if args.json:

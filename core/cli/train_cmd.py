@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import jobs
 from ..datasets import load_dataset
 from ..models import DEFAULT_TEACHER, get_spec
-from ..teachers import TeacherSettings, get_teacher
 from ..training import PRECISIONS, recipe_for
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
 
@@ -27,29 +27,21 @@ def register(sub):
     p.set_defaults(handler=run)
 
 
-def teacher_summary(t) -> dict:
-    m = t.meta.get("metrics") or {}
-    return {"dataset": t.meta["dataset"], "dataset_label": t.meta.get("dataset_label"), "model": t.meta["model"],
-            "accuracy": m.get("accuracy"), "size_bytes": m.get("size_bytes"), "gzip_bytes": m.get("gzip_bytes"),
-            "params": m.get("params"), "macs": m.get("macs"), "latency_ms_b1": m.get("latency_ms_b1"),
-            "latency_ms_b64": m.get("latency_ms_b64"), "threads": m.get("threads"),
-            "history": t.meta.get("history", []), "cached": t.cached, "path": str(t.path),
-            "settings": t.meta.get("settings"), "eval_images": m.get("eval_images")}
-
-
 def run(args) -> int:
     get_spec(args.model, "teacher")
     data = load_dataset(args.dataset, args.data_root)
     chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision}
     cfg = dataclasses.replace(recipe_for(data, args.model, args.device), subset=args.subset, seed=args.seed,
                               **{k: v for k, v in chosen.items() if v is not None})
-    t = get_teacher(data, TeacherSettings(args.model, cfg, args.pretrained), device=args.device,
-                    progress=progress_for(args))
-    out = teacher_summary(t)
+    cfg.validate()
+    out = jobs.run("train", {"dataset": args.dataset, "data_root": args.data_root, "model": args.model,
+                             "train": dataclasses.asdict(cfg), "pretrained": args.pretrained, "device": args.device},
+                   progress=progress_for(args), address=args.ray_address, label=f"train {args.model} on {data.name}")
     if args.json:
         print_json(out)
         return 0
-    print(f"{t.meta['model']} on {data.label}: {'from cache' if t.cached else 'trained'} ({t.path})")
+    print(f"{out['model']} on {data.label}: {'from cache' if out['cached'] else 'trained'} ({out['path']}; "
+          f"ran on {out['engine']['node']})")
     print(f"  accuracy   {out['accuracy']:.4f} on {out['eval_images']} test images")
     print(f"  size       {human_bytes(out['size_bytes'])} (gzip {human_bytes(out['gzip_bytes'])})")
     print(f"  params     {out['params']:,}   MACs {out['macs']:,}")

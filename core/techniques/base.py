@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import cache
-from ..errors import InvalidParameter
+from ..errors import InvalidParameter, LabError
 from ..progress import ProgressFn
 
 
@@ -135,6 +135,15 @@ class TechniqueSpec:
         if self.check:
             self.check(out)
         return out
+
+    def trains(self, params: dict) -> bool:
+        """Whether these settings train (fine-tuning, distillation): minutes, not seconds (the long lane).
+        Epochs that the chosen mode ignores (quantize's qat_epochs outside int8) validate to 0."""
+        try:
+            params = self.validate(params)
+        except LabError:
+            pass
+        return any(p.kind == "int" and p.name.endswith("epochs") and params.get(p.name, 0) > 0 for p in self.params)
 
 
 def calibration_images(data, n: int, seed: int = 7) -> torch.Tensor:
