@@ -42,7 +42,7 @@ def configured_address(explicit: str | None = None) -> str | None:
     return (address or "").strip() or None
 
 
-def _probe(address: str) -> None:
+def probe(address: str) -> None:
     """Fail within seconds with one clear line if nothing listens at host:port."""
     if address == "auto":
         return   # ray.init resolves it from this machine's running cluster, or fails at once
@@ -74,24 +74,52 @@ def connect(address: str | None = None) -> Engine:
             if wanted not in (_ENGINE.address, "auto") and not (_ENGINE.local and wanted == "embedded"):
                 raise LabError(f"this process already runs jobs on {_ENGINE.address}; restart it to use {wanted}")
             return _ENGINE
-        import ray
-        runtime_env = {"env_vars": worker_env()}
-        if address is None:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env,
-                     namespace="compression-lab")
-            _ENGINE = Engine("embedded", True)
-        else:
-            _probe(address)
+        if address is not None:
+            probe(address)
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")   # its retry warnings would bury our one line
-            try:
-                ctx = ray.init(address=address, log_to_driver=False, logging_level="ERROR",
-                               runtime_env=runtime_env, namespace="compression-lab")
-            except Exception as exc:   # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
-                raise ClusterUnreachable(f"cannot attach to the Ray cluster at {address}: {exc}".splitlines()[0]
-                                         + "; unset RAY_ADDRESS to run on this machine") from None
-            _ENGINE = Engine(getattr(ctx, "address_info", {}).get("gcs_address") or address, False)
+        _ENGINE = _in_keeper_thread(lambda: _start(address))
         return _ENGINE
+
+
+def _start(address: str | None) -> Engine:
+    import ray
+    runtime_env = {"env_vars": worker_env()}
+    if address is None:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env, namespace="compression-lab")
+        return Engine("embedded", True)
+    try:
+        ctx = ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                       runtime_env=runtime_env, namespace="compression-lab")
+    except Exception as exc:   # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
+        raise ClusterUnreachable(f"cannot attach to the Ray cluster at {address}: {exc}".splitlines()[0]
+                                 + "; unset RAY_ADDRESS to run on this machine") from None
+    return Engine(getattr(ctx, "address_info", {}).get("gcs_address") or address, False)
+
+
+_KEEPER_STOP = threading.Event()
+
+
+def _in_keeper_thread(start):
+    """Start the engine from a thread that lives as long as the process: Ray's local daemons are killed
+    when the thread that started them ends (Linux PDEATHSIG), and a Streamlit script thread ends every run."""
+    out: dict = {}
+    ready = threading.Event()
+
+    def keeper():
+        try:
+            out["engine"] = start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["error"] = exc
+        ready.set()
+        _KEEPER_STOP.wait()
+
+    _KEEPER_STOP.clear()
+    threading.Thread(target=keeper, name="lab-engine", daemon=True).start()
+    ready.wait()
+    if "error" in out:
+        raise out["error"]
+    return out["engine"]
 
 
 def current() -> Engine | None:
@@ -106,6 +134,7 @@ def shutdown() -> None:
             import ray
             ray.shutdown()
             _ENGINE = None
+            _KEEPER_STOP.set()
 
 
 def this_node() -> str:

@@ -22,7 +22,8 @@ from .errors import LabError
 from .progress import Event, ProgressFn
 
 LANES = ("interactive", "long")
-KIND_LANES = {"train": "long", "compress": "interactive", "baseline": "interactive", "sleep": "interactive"}
+KIND_LANES = {"train": "long", "compress": "interactive", "baseline": "interactive", "estimate": "interactive",
+              "sleep": "interactive"}
 FINISHED_KEPT = 100          # finished jobs the Class view can still show
 INTERACTIVE_RETRIES = 1      # a killed interactive worker's job runs once more; long jobs resume by hand
 LONG_NICE = 10               # long-lane workers' CPU priority (CFS weight ~1/10 of an interactive worker's)
@@ -60,6 +61,7 @@ class Job:
     finished: float | None = None
     state: str = "queued"            # queued | running | done | failed | cancelled
     node: str = ""
+    pid: int | None = None           # the worker process (the Class view; tests kill it)
     attempts: int = 0
     events: list = field(default_factory=list)
     result: dict | None = None
@@ -119,6 +121,23 @@ class _Slot:
     lane: str
     job: Job | None = None
     warm_key: tuple = ()
+    restarting: bool = False          # its process died: Ray restarts it; wait before the next job
+
+
+def _await_restart(slot: _Slot, timeout: float = 180) -> None:
+    """Block until a restarted worker answers (calls to it fail at once while it restarts)."""
+    import ray
+    from ray import exceptions as rex
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(slot.actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            slot.restarting = False
+            return
+        except (rex.ActorUnavailableError, rex.RayActorError, rex.GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def job_env() -> dict:
@@ -306,6 +325,8 @@ class JobManager:
         from ray import exceptions as rex
         outcome, retry = "failed", False
         try:
+            if slot.restarting:
+                _await_restart(slot)
             base = {"kind": "ray", "address": self.engine.address, "local": self.engine.local}
             gen = slot.actor.run.remote(job.kind, job.payload, job.env, base)
             job._ref = gen
@@ -313,8 +334,8 @@ class JobManager:
                 tag, value = ray.get(ref)
                 if tag == "events":
                     job.events.extend(value)
-                elif tag == "node":
-                    job.node = value
+                elif tag == "started":
+                    job.node, job.pid = value["node"], value["pid"]
                 elif tag == "result":
                     job.result, outcome = value, "done"
                 else:
@@ -323,6 +344,7 @@ class JobManager:
         except rex.TaskCancelledError:
             outcome = "cancelled"
         except (rex.RayActorError, rex.WorkerCrashedError, rex.ActorUnavailableError) as exc:
+            slot.restarting = True
             retry = job.lane == "interactive" and job.attempts <= INTERACTIVE_RETRIES
             job.error = {"type": "WorkerDied", "user": True,
                          "message": "the worker running this job stopped (killed, or out of memory); nothing "
@@ -359,12 +381,15 @@ _MANAGER: JobManager | None = None
 _MANAGER_LOCK = threading.Lock()
 
 
+_ATTACHED: str | None = None   # set by reattach(): an address that then holds for this whole process
+
+
 def manager(address: str | None = None) -> JobManager:
     """This process's job manager (the engine is started or attached on first use)."""
     global _MANAGER
     with _MANAGER_LOCK:
         if _MANAGER is None:
-            _MANAGER = JobManager(address)
+            _MANAGER = JobManager(address or _ATTACHED)
         elif engine.configured_address(address) not in (None, _MANAGER.engine.address):
             engine.connect(address)   # raises: one engine per process
         return _MANAGER
@@ -378,6 +403,17 @@ def shutdown() -> None:
             _MANAGER.shutdown()
             _MANAGER = None
     engine.shutdown()
+
+
+def reattach(address: str) -> JobManager:
+    """Move this process's jobs to the cluster at `address` (the instructor's Class page). Running jobs
+    stop; a cluster that cannot be reached raises before anything stops, and a failed attach is not
+    replaced by a local instance: the lab stays unattached until the address works."""
+    global _ATTACHED
+    engine.probe(address)
+    shutdown()
+    _ATTACHED = address
+    return manager()
 
 
 def run(kind: str, payload: dict, progress: ProgressFn = None, owner: str = "cli", label: str = "",

@@ -6,6 +6,7 @@ session - wait and then read the stored result instead of recomputing it.
 """
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -85,15 +86,25 @@ def compressed_path(key: str) -> Path:
 key_lock = cache.file_lock   # one computation per request key, across processes
 
 
+def _baseline_path(teacher_meta: dict, eval_size: int) -> Path:
+    return settings.cache_dir() / "baselines" / f"{teacher_meta.get('sha256', 'x')[:16]}-{eval_size}.json"
+
+
+def stored_baseline(teacher_meta: dict, eval_size: int) -> dict | None:
+    """The teacher's measured metrics if already stored (a file read: the app's pages call it directly)."""
+    path = _baseline_path(teacher_meta, eval_size)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def baseline_metrics(teacher: Teacher, data, eval_size: int, progress: ProgressFn = None) -> dict:
     """The teacher's metrics on this evaluation subset, computed once per teacher and subset."""
-    path = settings.cache_dir() / "baselines" / f"{teacher.meta.get('sha256', 'x')[:16]}-{eval_size}.json"
-    if path.exists():
-        try:
-            import json
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
+    stored = stored_baseline(teacher.meta, eval_size)
+    if stored is not None:
+        return stored
+    path = _baseline_path(teacher.meta, eval_size)
     emit(progress, stage="evaluate", kind="message", message="measuring the teacher (baseline)")
     rep = metrics.report(teacher.model, data, eval_size, latency=False).to_dict()   # timed per run, side by side
     cache.atomic_write_json(rep, path)

@@ -102,6 +102,22 @@ def baseline_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
     return baseline_metrics(teacher, data, int(payload.get("eval_size", 1000)), progress)
 
 
+@kind("estimate")
+def estimate_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
+    """Time a few training batches of these settings (the Teacher page's estimate)."""
+    from .estimate import estimate_epoch_seconds
+    from .training import TrainConfig
+    import torch
+    data = warm.data(payload["dataset"], payload.get("data_root"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)   # timed with the threads a long-lane worker trains with
+    try:
+        return estimate_epoch_seconds(payload["model"], data, TrainConfig(**payload["train"]),
+                                      payload.get("device") or "cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @kind("sleep")
 def sleep_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
     """A job that only waits, emitting progress: the job layer's own tests and classroom-check's probes."""
@@ -186,7 +202,7 @@ def make_actor_class():
         def run(self, kind_name: str, payload: dict, env: dict, engine: dict):
             ctx = ray.get_runtime_context()
             where = dict(engine, node=self.where())
-            yield "node", where["node"]
+            yield "started", {"node": where["node"], "pid": os.getpid()}
             yield from run_streaming(kind_name, payload, env, self.warm, where, ctx.is_canceled)
 
     return ray.remote(LabWorker)
