@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 from ..models import STUDY_TEACHERS
 from ..sweep import DEFAULT_GRID, SEED_DATASETS, SweepPlan, run_sweep, write_report
-from .common import float_range, int_range, print_json, progress_for
+from .common import add_engine_arg, float_range, int_range, print_json, progress_for
 
 
 def register(sub):
@@ -22,6 +23,7 @@ def register(sub):
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    add_engine_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -42,14 +44,16 @@ def run(args) -> int:
         bar.set_postfix_str(f"{r.model} {r.technique} acc {r.compressed['accuracy']:.3f}"
                             + (" (cached)" if r.cached else ""))
 
-    results = run_sweep(plan, progress=inner, data_root=args.data_root, device=args.device, on_result=on_result)
+    results = run_sweep(plan, progress=inner, data_root=args.data_root, device=args.device, on_result=on_result,
+                        address=args.ray_address)
     if bar is not None:
         bar.close()
     out = Path(args.out) if args.out else settings.cache_dir() / "reports"
     csv_path, md_path = write_report(results, out, args.max_drop)
     if args.json:
         print_json({"runs": len(results), "csv": str(csv_path), "report": str(md_path),
-                    "cached": sum(r.cached for r in results)})
+                    "cached": sum(r.cached for r in results),
+                    "nodes": dict(Counter((r.engine or {}).get("node") or "not recorded" for r in results))})
     else:
         print(md_path.read_text())
         print(f"\nwrote {csv_path} and {md_path}")
