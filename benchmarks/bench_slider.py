@@ -7,10 +7,12 @@ Not a test; results are in docs/app.md ("Slider response time").
 
   python benchmarks/bench_slider.py                  # ResNet-34 on shapes (trained once if missing)
   python benchmarks/bench_slider.py --model vgg16_bn --eval-size 1000
+  python benchmarks/bench_slider.py --engine both     # in this process and through the job layer (Ray workers)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -22,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("COMPRESSION_LAB_OFFLINE", "1")
 
 from core.datasets import load_dataset  # noqa: E402
-from core.results import ResultStore  # noqa: E402
+from core.predict import cached_result  # noqa: E402
+from core.results import ExperimentResult, ResultStore  # noqa: E402
 from core.runner import ExperimentConfig, run_experiment  # noqa: E402
 from core.teachers import TeacherSettings, get_teacher, latest_teacher  # noqa: E402
 from core.training import TrainConfig  # noqa: E402
@@ -41,29 +44,49 @@ def main() -> None:
     ap.add_argument("--model", default="resnet34")
     ap.add_argument("--dataset", default="shapes")
     ap.add_argument("--eval-size", type=int, default=1000)
+    ap.add_argument("--engine", choices=["inprocess", "ray", "both"], default="inprocess",
+                    help="where each step runs: here (as the app did), in the job layer's warm Ray workers "
+                         "(as the app does now), or both side by side")
     args = ap.parse_args()
+    for engine in (["inprocess", "ray"] if args.engine == "both" else [args.engine]):
+        walk(args, engine)
+
+
+def walk(args, engine: str) -> None:
     data = load_dataset(args.dataset)
     teacher = latest_teacher(data, args.model) or get_teacher(
         data, TeacherSettings(args.model, TrainConfig(epochs=1, subset=1000)))
     # a fresh result store: every step below is computed, as after a real slider move
     store = ResultStore(Path(tempfile.mkdtemp()) / "results.sqlite")
     warm = ExperimentConfig(args.dataset, args.model, "quantize", {"mode": "fake", "bits": 7}, args.eval_size)
-    run_experiment(warm, store=store, teacher=teacher, data=data)   # first-call costs, as a running app has paid
 
-    print(f"{args.model} on {data.label}, eval {args.eval_size} images, teacher in memory (as in the app)")
+    def run(cfg):
+        if engine == "inprocess":
+            return run_experiment(cfg, store=store, teacher=teacher, data=data)
+        from core import jobs   # what a page does: one job, waited for; the worker keeps the teacher loaded
+        out = jobs.manager().submit("compress", dict(dataclasses.asdict(cfg.validate()), store=str(store.path)))
+        return ExperimentResult.from_dict(out.follow())
+
+    if engine == "ray":
+        from core import jobs
+        jobs.manager().warm_up()
+    run(warm)   # first-call costs, as a running app has paid
+
+    where = "teacher in memory (as the app did)" if engine == "inprocess" else "in the job layer's Ray workers"
+    print(f"\n{args.model} on {data.label}, eval {args.eval_size} images, {where}")
     print("| slider | steps | median s | max s | steps under 3 s |\n| --- | --- | --- | --- | --- |")
     for label, (technique, steps) in WALKS.items():
         secs = []
         for params in steps:
             cfg = ExperimentConfig(args.dataset, args.model, technique, params, args.eval_size)
             t0 = time.perf_counter()
-            r = run_experiment(cfg, store=store, teacher=teacher, data=data)
+            r = run(cfg)
             assert not r.cached
             secs.append(time.perf_counter() - t0)
         print(f"| {label} | {len(secs)} | {statistics.median(secs):.2f} | {max(secs):.2f} | "
               f"{sum(s < 3 for s in secs)}/{len(secs)} |", flush=True)
     t0 = time.perf_counter()
-    r = run_experiment(warm, store=store, teacher=teacher, data=data)
+    r = cached_result(warm, teacher, data, store)   # the page's look-up before it submits anything
     print(f"\nsame settings again: served from the store in {time.perf_counter() - t0:.3f} s (cached={r.cached})")
 
 

@@ -48,7 +48,7 @@ def probe(address: str) -> None:
         return   # ray.init resolves it from this machine's running cluster, or fails at once
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
-    how = ("start one with `ray start --head` (docs/classroom.md), or unset RAY_ADDRESS "
+    how = ("start one with `ray start --head` (docs/cluster.md), or unset RAY_ADDRESS "
            "(and --ray-address) to run on this machine")
     if not host or not port.isdigit():
         raise ClusterUnreachable(f"cannot reach the Ray cluster at {address!r}: not a host:port address; {how}")
@@ -56,6 +56,13 @@ def probe(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise ClusterUnreachable(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); {how}") from None
+
+
+def check_reachable(address: str | None = None) -> None:
+    """Before slow local work (loading data): a configured cluster that does not answer fails now."""
+    address = configured_address(address)
+    if address is not None and _ENGINE is None:
+        probe(address)
 
 
 def worker_env() -> dict:
@@ -93,7 +100,8 @@ def _start(address: str | None) -> Engine:
                        runtime_env=runtime_env, namespace="compression-lab")
     except Exception as exc:   # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
         raise ClusterUnreachable(f"cannot attach to the Ray cluster at {address}: {exc}".splitlines()[0]
-                                 + "; unset RAY_ADDRESS to run on this machine") from None
+                                 + " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token, "
+                                   "docs/cluster.md); unset RAY_ADDRESS to run on this machine") from None
     return Engine(getattr(ctx, "address_info", {}).get("gcs_address") or address, False)
 
 

@@ -281,7 +281,9 @@ def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner:
     from . import jobs
     from .predict import latest_teacher_entry
     from dataclasses import asdict
+    from .engine import check_reachable
     cfg = cfg.validate()
+    check_reachable(address)
     data = load_dataset(cfg.dataset, cfg.data_root)   # missing data fails here, before any worker starts
     trains = get_technique(cfg.technique).trains(cfg.params) or cfg.teacher_train is not None \
         or latest_teacher_entry(data, cfg.model) is None

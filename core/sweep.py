@@ -56,9 +56,11 @@ def run_sweep(plan: SweepPlan, progress: ProgressFn = None, store: ResultStore |
     engine's workers; results come back in the plan's order."""
     from . import jobs
     from .datasets import load_dataset
+    from .engine import check_reachable
     from .predict import latest_teacher_entry
     from .techniques import get_technique
     configs = [c.validate() for c in plan.configs(data_root, device)]
+    check_reachable(address)
     datas = {ds: load_dataset(ds, data_root) for ds in plan.datasets}   # missing data fails now
     lab = jobs.manager(address)
     teachers = []

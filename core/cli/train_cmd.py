@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .. import jobs
+from .. import engine, jobs
 from ..datasets import load_dataset
 from ..models import DEFAULT_TEACHER, get_spec
 from ..training import PRECISIONS, recipe_for
@@ -29,6 +29,7 @@ def register(sub):
 
 def run(args) -> int:
     get_spec(args.model, "teacher")
+    engine.check_reachable(args.ray_address)
     data = load_dataset(args.dataset, args.data_root)
     chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision}
     cfg = dataclasses.replace(recipe_for(data, args.model, args.device), subset=args.subset, seed=args.seed,
