@@ -48,7 +48,9 @@ def eval_label(n: int) -> str:
 def sidebar() -> None:
     init_state()
     with st.sidebar:
-        names = list(DATASETS) + ["folder"]
+        names = list(DATASETS) + (["folder"] if can("data_folder") else [])
+        if st.session_state.dataset not in names:   # e.g. the instructor logged out while on a folder
+            st.session_state.dataset = core.DEFAULT_DATASET
         st.selectbox("Dataset", names, key="dataset",
                      format_func=lambda n: "Image folder…" if n == "folder" else
                      f"{DATASETS[n].title}" + (" (generated, offline)" if not DATASETS[n].needs_download else ""),
@@ -75,11 +77,14 @@ def sidebar() -> None:
                 acc = hist[-1].get("val_accuracy")
                 st.success(f"Teacher cached ({len(hist)} epochs"
                            + (f", validation {acc:.1%}" if acc is not None else "") + ")", icon=":material/check_circle:")
+        login_box()
 
 
 def dataset_name() -> str:
     init_state()
     name = st.session_state.dataset
+    if name == "folder" and not can("data_folder"):   # checked here too: this is where the folder is read
+        return core.DEFAULT_DATASET
     if name == "folder":
         path = (st.session_state.get("folder_path") or "").strip()
         return f"folder:{path}" if path else "folder:"
@@ -383,3 +388,93 @@ def no_runs_hint(data) -> None:
     cols[0].page_link("pages/pruning.py", label="Pruning", icon=":material/content_cut:")
     cols[1].page_link("pages/quantization.py", label="Quantization", icon=":material/filter_9_plus:")
     cols[2].page_link("pages/distillation.py", label="Distillation", icon=":material/science:")
+
+# ----------------------------------------------------------------------------- class mode (instructor role)
+# core.roles holds the rules; this is only the Streamlit glue. Session state keeps a token that is
+# valid for this browser session only, never a plain flag and never the password.
+from core import roles  # noqa: E402  (kept with its section)
+
+_TOKEN_KEY = "_lab.instructor_token"
+_LOGIN_KEY = "_lab.login_failures"
+_LOGIN_MESSAGE = "_lab.login_message"
+_PASSWORD_FIELD = "_lab.password"   # the form's field; blanked by the callback as soon as it is read
+
+
+def _secret_password() -> str | None:
+    try:
+        return st.secrets.get(roles.SECRETS_KEY)
+    except FileNotFoundError as exc:   # no secrets file is the laptop case; a broken one must not open class mode
+        if getattr(exc, "error_id", None) == "no-secrets-found":
+            return None
+        raise
+
+
+def _password() -> str | None:
+    return roles.password(None if os.environ.get(roles.PASSWORD_ENV) else _secret_password())
+
+
+def _session_id() -> str | None:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else None
+
+
+def class_mode() -> bool:
+    return _password() is not None
+
+
+def can(action: str) -> bool:
+    """May this browser session perform `action` (one of core.roles.INSTRUCTOR_ACTIONS)?"""
+    return roles.can(action, pw=_password(), token=st.session_state.get(_TOKEN_KEY), session_id=_session_id())
+
+
+def is_instructor() -> bool:
+    """True outside class mode (one person on a laptop) and for a session that logged in."""
+    return roles.is_instructor(pw=_password(), token=st.session_state.get(_TOKEN_KEY), session_id=_session_id())
+
+
+def require_instructor(action: str, stop: bool = False) -> bool:
+    """Check at the place an action is performed: True if allowed, else a warning (and st.stop if asked)."""
+    if can(action):
+        return True
+    st.warning("Only the instructor can do this in class mode.", icon=":material/lock:")
+    if stop:
+        st.stop()
+    return False
+
+
+def _login_submitted() -> None:
+    """The login form's callback: runs before the page, so the typed password is blanked before any page code runs."""
+    ss = st.session_state
+    attempt = ss.get(_PASSWORD_FIELD, "")
+    ss[_PASSWORD_FIELD] = ""
+    pw, state = _password(), ss.setdefault(_LOGIN_KEY, {})
+    wait = roles.lockout_left(state, time.time())
+    if wait > 0:
+        ss[_LOGIN_MESSAGE] = f"Too many attempts: try again in {wait:.0f} s."
+    elif roles.check_password(attempt, pw):
+        ss.pop(_LOGIN_KEY, None)
+        ss[_TOKEN_KEY] = roles.make_token(pw, _session_id() or "")
+    else:
+        roles.record_failure(state, time.time())
+        ss[_LOGIN_MESSAGE] = "Wrong password."
+
+
+def login_box() -> None:
+    """Sidebar: who you are, and the instructor's login or log-out (nothing at all outside class mode)."""
+    if not class_mode():
+        return
+    ss = st.session_state
+    if is_instructor():
+        st.markdown(":material/school: **Instructor**")
+        if st.button("Log out", key="_lab.logout", icon=":material/logout:"):
+            ss.pop(_TOKEN_KEY, None)
+            st.rerun()
+        return
+    st.caption("Class mode: student")
+    with st.expander("Instructor login", expanded=_LOGIN_MESSAGE in ss):
+        with st.form("_lab.login", clear_on_submit=True, border=False):
+            st.text_input("Password", type="password", key=_PASSWORD_FIELD, autocomplete="current-password")
+            st.form_submit_button("Log in", icon=":material/login:", on_click=_login_submitted)
+        if msg := ss.pop(_LOGIN_MESSAGE, None):
+            st.error(msg)

@@ -65,7 +65,8 @@ if len(view):
             "size_ratio": st.column_config.NumberColumn("× smaller", format="%.2f"),
             "latency_speedup_b1": st.column_config.NumberColumn("× faster", format="%.2f")})
 
-st.subheader("Download or delete runs")
+may_delete = sh.can("delete_runs")
+st.subheader("Download or delete runs" if may_delete else "Download a run")
 labels = {r.key: f"{r.dataset} · {r.model} · {r.label()}" for r in store.all()}
 keys = [k for k in view["key"]]
 with sh.guarded():
@@ -74,15 +75,20 @@ with sh.guarded():
         r = store.get(pick)
         if r is not None:
             sh.download_model(r, key=f"cmp.dl.{pick}")
+    if not may_delete:
+        st.caption("Class mode: only the instructor deletes runs.")
+        st.stop()
     d1, d2 = st.columns(2)
     doomed = d1.multiselect("Runs to delete", keys, format_func=lambda k: labels.get(k, k), key="cmp.doomed")
-    if d1.button("Delete selected", disabled=not doomed, key="cmp.delete", icon=":material/delete:"):
+    if d1.button("Delete selected", disabled=not doomed, key="cmp.delete", icon=":material/delete:") \
+            and sh.require_instructor("delete_runs"):   # checked where it deletes, not only by hiding the button
         for k in doomed:
             store.delete(k)
         st.session_state.pop("cmp.doomed", None)
         st.rerun()
     sure = d2.checkbox("Yes, delete every run", key="cmp.sure")
-    if d2.button("Clear all runs", disabled=not sure, key="cmp.clear", icon=":material/delete_sweep:"):
+    if d2.button("Clear all runs", disabled=not sure, key="cmp.clear", icon=":material/delete_sweep:") \
+            and sh.require_instructor("delete_runs"):
         store.clear()
         st.session_state.pop("cmp.sure", None)
         st.rerun()

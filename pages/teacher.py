@@ -46,9 +46,13 @@ if est := ss.get("teacher.estimates", {}).get(est_key):
     st.info(f"Estimated on this machine: **{est['text']}** ({est['seconds_per_epoch']:.0f} s per epoch, "
             f"{est['images_per_second']:.0f} images/s, {est['threads']} threads, {est['device']}).",
             icon=":material/timer:")
-submitted = st.button("Train (or load if these settings are cached)", type="primary", key="teacher.train",
-                      icon=":material/model_training:")
-if submitted:
+if sh.can("train_teacher"):
+    submitted = st.button("Train (or load if these settings are cached)", type="primary", key="teacher.train",
+                          icon=":material/model_training:")
+else:
+    submitted = False
+    st.caption("Class mode: only the instructor trains teachers; every compression page uses the cached one.")
+if submitted and sh.require_instructor("train_teacher"):   # checked where it trains, not only by hiding the button
     with sh.guarded("Training failed: "):
         if find_teacher(data, settings) is not None:
             st.success("A teacher with these settings is already cached: nothing to train. (The "
@@ -67,6 +71,8 @@ if submitted:
 
 if msg := ss.pop("teacher.trained", None):
     st.success(msg, icon=":material/check_circle:")
+if msg := ss.pop("teacher.deleted", None):
+    st.success(msg, icon=":material/delete:")
 
 teacher = sh.current_teacher(data)
 if teacher is None:
@@ -87,3 +93,17 @@ hist = meta.get("history") or []
 if hist:
     st.altair_chart(views.history_chart(views.history_frame({"train": hist})), width="stretch")
     st.caption("Solid: validation accuracy (fixed test subset); dashed: training accuracy (with augmentation).")
+
+if sh.can("delete_teacher"):
+    with st.expander("Delete this teacher"):
+        st.caption(f"Removes {teacher.path.name} and its sidecar from the cache; the compression pages then use the "
+                   "next newest teacher of this dataset and architecture, if any. Stored runs stay.")
+        sure = st.checkbox("Yes, delete this teacher", key="teacher.delete_sure")
+        if st.button("Delete this teacher", disabled=not sure, key="teacher.delete", icon=":material/delete:") \
+                and sh.require_instructor("delete_teacher"):
+            with sh.guarded("Could not delete the teacher: "):
+                from core.teachers import delete_teacher_file
+                delete_teacher_file(teacher.path)
+                ss.pop("teacher.delete_sure", None)
+                ss["teacher.deleted"] = f"Deleted the {title} teacher {teacher.path.name}."
+                st.rerun()
