@@ -26,6 +26,8 @@ PAGES = {
                 st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:")],
 }
 
+if _shared.is_instructor():   # the Class view: jobs of every browser, cancel, the engine's nodes
+    PAGES["Lab"].append(st.Page("pages/class_view.py", title="Class", icon=":material/groups:"))
 page = st.navigation(PAGES)
 _shared.sidebar()
 page.run()

@@ -159,6 +159,8 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._pools = {lane: [] for lane in LANES}
         self._closed = False
+        # embedded: this machine's cores, shared among the interactive jobs running at each moment
+        self.node_cpus = max(1, os.cpu_count() or 1) if self.engine.local else 0
         self._grow_pools()
         threading.Thread(target=self._dispatch_loop, name="lab-jobs", daemon=True).start()
 
@@ -169,7 +171,7 @@ class JobManager:
         from .worker import make_actor_class
         actor = make_actor_class()
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        node_cpus = max(1, os.cpu_count() or 1) if self.engine.local else 0
+        node_cpus = self.node_cpus
         for lane in LANES:
             while len(self._pools[lane]) < self.sizes[lane]:
                 if lane == "interactive":   # one CPU each: adding CPUs adds interactive workers
@@ -316,11 +318,16 @@ class JobManager:
                 slot = next((s for s in idle if s.warm_key == job.warm_key), idle[0])
                 slot.job, job.state, job.started = job, "running", time.time()
                 job.attempts += 1
-                threading.Thread(target=self._run, args=(slot, job), name=f"job-{job.id}", daemon=True).start()
+                threads = None
+                if lane == "interactive" and self.node_cpus:   # one slider job alone gets every core
+                    busy = sum(s.job is not None for s in self._pools[lane])
+                    threads = max(1, self.node_cpus // busy)
+                threading.Thread(target=self._run, args=(slot, job, threads), name=f"job-{job.id}",
+                                 daemon=True).start()
                 started = True
         return started
 
-    def _run(self, slot: _Slot, job: Job) -> None:
+    def _run(self, slot: _Slot, job: Job, threads: int | None) -> None:
         import ray
         from ray import exceptions as rex
         outcome, retry = "failed", False
@@ -328,7 +335,7 @@ class JobManager:
             if slot.restarting:
                 _await_restart(slot)
             base = {"kind": "ray", "address": self.engine.address, "local": self.engine.local}
-            gen = slot.actor.run.remote(job.kind, job.payload, job.env, base)
+            gen = slot.actor.run.remote(job.kind, job.payload, job.env, base, threads)
             job._ref = gen
             for ref in gen:
                 tag, value = ray.get(ref)

@@ -199,7 +199,10 @@ def make_actor_class():
             return {"node": self.where(), "pid": os.getpid(), "threads": torch.get_num_threads(), "lane": self.lane}
 
         @ray.method(num_returns="streaming")
-        def run(self, kind_name: str, payload: dict, env: dict, engine: dict):
+        def run(self, kind_name: str, payload: dict, env: dict, engine: dict, threads: int | None = None):
+            import torch
+            if threads:
+                torch.set_num_threads(threads)
             ctx = ray.get_runtime_context()
             where = dict(engine, node=self.where())
             yield "started", {"node": where["node"], "pid": os.getpid()}

@@ -1,4 +1,4 @@
-"""Streamlit glue shared by every page: sidebar selection, cached models, job slots, progress, errors.
+"""Streamlit glue shared by every page: sidebar selection, cached models, jobs, progress, errors.
 
 Only this package imports streamlit; all computation is in core/ (runner, predict, views).
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import threading
 import time
 import traceback
 
@@ -160,38 +159,74 @@ def store():
     return ResultStore()
 
 
-# ----------------------------------------------------------------------------- job slots
-class JobSlots:
-    """At most `n` heavy jobs at once across all sessions of this server; the rest wait visibly."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.sem = threading.BoundedSemaphore(n)
-        self.lock = threading.Lock()
-        self.running: list[str] = []
-
-    @contextlib.contextmanager
-    def slot(self, label: str):
-        if not self.sem.acquire(blocking=False):
-            slot = st.empty()
-            slot.status(f"Waiting for a free compute slot: {self.n} heavy job(s) at a time, now running "
-                        f"{', '.join(self.running) or 'another job'}…", state="running")
-            while not self.sem.acquire(timeout=0.5):
-                pass
-            slot.empty()
-        with self.lock:
-            self.running.append(label)
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.running.remove(label)
-            self.sem.release()
+# ----------------------------------------------------------------------------- jobs
+# Heavy work goes to core.jobs (Ray workers); the server process only submits, follows and draws.
+def lab():
+    """This server's job manager (one per process; started on first use)."""
+    from core import jobs
+    return jobs.manager()
 
 
-@st.cache_resource
-def job_slots() -> JobSlots:
-    return JobSlots(max(1, _env_int("COMPRESSION_LAB_APP_JOBS", 1)))
+def owner() -> str:
+    """Who asked, as the Class view shows it: this browser session, and whether it is the instructor."""
+    sid = (_session_id() or "local")[:6]
+    return f"{'instructor' if class_mode() and is_instructor() else 'browser'} {sid}"
+
+
+def submit(kind: str, payload: dict, label: str, lane: str | None = None):
+    """Queue a job (or join the identical one already queued or running); None after showing why not."""
+    from core.jobs import JobLimit
+    try:
+        return lab().submit(kind, payload, owner=owner(), label=label, lane=lane, owner_long_limit=1)
+    except JobLimit as exc:
+        st.warning(str(exc), icon=":material/hourglass_top:")
+        mine = [j for j in lab().jobs(owner=owner(), active_only=True) if j.lane == "long"]
+        for j in mine:
+            cancel_button(j)
+        return None
+    except LabError as exc:
+        show_error(exc)
+        return None
+
+
+def cancel_button(job) -> bool:
+    """A Cancel button for a job this session waits for; True when pressed (the job is then cancelled)."""
+    if st.button(f"Cancel {job.label or job.kind}", key=f"cancel.{job.id}", icon=":material/cancel:"):
+        lab().cancel(job.id, by=owner(), instructor=can("cancel_others_jobs") and class_mode())
+        st.info("Cancelled. Finished epochs are kept: running the same settings again resumes them.",
+                icon=":material/cancel:")
+        return True
+    return False
+
+
+def follow(job, title: str, reference: float | None = None, chart: bool = True):
+    """Draw a job's progress as it streams in until it ends; its result, or None after showing the error.
+
+    The loop touches the page at least every 0.3 s, so a Cancel click or a moved slider (a Streamlit
+    rerun) interrupts the wait at once; the job itself goes on for whoever else waits for it."""
+    if cancel_button(job):
+        return None
+    prog = LiveProgress(title, reference=reference, chart=chart)
+    seen = 0
+    while True:
+        finished = job.wait(0.3)
+        events = job.events[seen:]
+        seen += len(events)
+        for ev in events:
+            prog(core.Event(**ev))
+        if finished and seen == len(job.events):
+            break
+        where = f" on {job.node}" if job.node else ""
+        prog.bar.progress(prog.fraction, text=prog.text or ("queued…" if job.state == "queued"
+                                                           else f"running{where}…"))
+    try:
+        out = job.outcome()
+    except Exception as exc:  # noqa: BLE001 - shown as a message; other sessions carry on
+        prog.done("Stopped" if job.state == "cancelled" else "Failed", ok=False)
+        show_error(exc)
+        return None
+    prog.done(f"Done in {job.wait_s:.1f} s on {job.node}" if job.node else "Done")
+    return out
 
 
 # ----------------------------------------------------------------------------- progress
@@ -209,6 +244,11 @@ class LiveProgress:
         self.series: dict[str, list[dict]] = {}
         self.messages: list[str] = []
         self._last = 0.0
+        self.fraction, self.text = 0.0, ""
+
+    def draw_bar(self, fraction: float, text: str) -> None:
+        self.fraction, self.text = fraction, text
+        self.bar.progress(fraction, text=text)
 
     def __call__(self, ev) -> None:
         now = time.monotonic()
@@ -217,11 +257,11 @@ class LiveProgress:
                 return
             self._last = now
             ep = f" epoch {ev.epoch}/{ev.epochs} ·" if ev.epochs else ""
-            self.bar.progress(min(1.0, ev.fraction), text=f"{views.SERIES_TITLES.get(ev.stage, ev.stage)}:"
-                              f"{ep} batch {ev.step}/{ev.total}")
+            self.draw_bar(min(1.0, ev.fraction), f"{views.SERIES_TITLES.get(ev.stage, ev.stage)}:"
+                          f"{ep} batch {ev.step}/{ev.total}")
         elif ev.kind == "start":
             ep = f" epoch {ev.epoch}/{ev.epochs}" if ev.epochs else ""
-            self.bar.progress(0.0, text=f"{views.SERIES_TITLES.get(ev.stage, ev.stage)}:{ep}")
+            self.draw_bar(0.0, f"{views.SERIES_TITLES.get(ev.stage, ev.stage)}:{ep}")
         elif ev.kind == "epoch" and ev.metrics:
             self.series.setdefault(ev.stage, []).append(ev.metrics)
             self.redraw()
@@ -388,6 +428,7 @@ def no_runs_hint(data) -> None:
     cols[0].page_link("pages/pruning.py", label="Pruning", icon=":material/content_cut:")
     cols[1].page_link("pages/quantization.py", label="Quantization", icon=":material/filter_9_plus:")
     cols[2].page_link("pages/distillation.py", label="Distillation", icon=":material/science:")
+
 
 # ----------------------------------------------------------------------------- class mode (instructor role)
 # core.roles holds the rules; this is only the Streamlit glue. Session state keeps a token that is

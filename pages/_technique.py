@@ -1,6 +1,7 @@
 """One page layout for every compression technique, driven by its registry entry (ParamSpecs)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import streamlit as st
@@ -10,19 +11,10 @@ from core.errors import LabError
 from core.models import MODELS
 from core.predict import cached_result
 from core.results import results_frame
-from core.runner import ExperimentConfig, run_experiment
+from core.results import ExperimentResult
+from core.runner import ExperimentConfig
 from core.techniques import get_technique
 from pages import _shared as sh
-
-
-def needs_training(spec, params: dict) -> bool:
-    """Whether these settings train (fine-tuning, distillation): then runs take minutes, not seconds.
-    Epochs that the chosen mode ignores (quantize's qat_epochs outside int8) do not count."""
-    try:
-        params = spec.validate(params)
-    except LabError:
-        pass
-    return any(p.kind == "int" and p.name.endswith("epochs") and params.get(p.name, 0) > 0 for p in spec.params)
 
 
 def teacher_reference(teacher) -> float | None:
@@ -46,7 +38,7 @@ def render(name: str) -> None:
                            help=f"Otherwise the fixed subset chosen in the sidebar ({sh.eval_label(ss.eval_size)}).")
     cfg = ExperimentConfig(dataset=sh.dataset_name(), model=ss.teacher_model, technique=name, params=params,
                            eval_size=0 if full else int(ss.eval_size), device=ss.device)
-    slow = needs_training(spec, params)
+    slow = spec.trains(params)
     with left:
         auto = st.toggle("Run when a setting changes", key=f"{name}.auto", value=True, disabled=slow,
                          help="Settings that train (epochs > 0) always wait for the Run button.")
@@ -61,8 +53,8 @@ def render(name: str) -> None:
         except LabError as exc:
             st.error(str(exc), icon=":material/warning:")
             return
-        if result is None and (clicked or (auto and not slow)):
-            result = _run(spec, cfg, teacher, data)
+        if result is None:
+            result = _run(spec, cfg, teacher, data, start=clicked or (auto and not slow))
         if result is None:
             last = ss.get(f"{name}.last")
             if last is not None:
@@ -79,18 +71,20 @@ def render(name: str) -> None:
         sweep(spec, data, name)
 
 
-def _run(spec, cfg, teacher, data):
-    ref = teacher_reference(teacher)
-    with sh.job_slots().slot(f"{spec.title} ({MODELS[cfg.model].title})"):
-        prog = sh.LiveProgress(f"Running {spec.title.lower()}…", reference=ref)
-        try:
-            result = run_experiment(cfg, progress=prog, store=sh.store(), teacher=teacher, data=data)
-        except Exception as exc:  # noqa: BLE001 - shown as a message; other sessions carry on
-            prog.done("Failed", ok=False)
-            sh.show_error(exc)
+def _run(spec, cfg, teacher, data, start: bool):
+    """This request's job, on the job layer: joined if any session already started it (a rerun, a
+    classmate), started if asked; its result once done, else None."""
+    payload = dataclasses.asdict(cfg.validate())
+    job = sh.lab().find("compress", payload)
+    if job is None and not start:
+        return None
+    if job is None:
+        job = sh.submit("compress", payload, label=f"{spec.title} {cfg.params} · {MODELS[cfg.model].title}",
+                        lane="long" if spec.trains(cfg.params) else "interactive")
+        if job is None:
             return None
-        prog.done(f"Done in {result.seconds:.1f} s" if not result.cached else "Loaded the stored result")
-    return result
+    out = sh.follow(job, f"Running {spec.title.lower()}…", reference=teacher_reference(teacher))
+    return None if out is None else ExperimentResult.from_dict(out)
 
 
 def show_result(result, spec, teacher) -> None:

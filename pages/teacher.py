@@ -4,8 +4,8 @@ import streamlit as st
 
 from core import views
 from core.models import MODELS
-from core.runner import baseline_metrics
-from core.teachers import TeacherSettings, find_teacher, get_teacher
+from core.runner import stored_baseline
+from core.teachers import TeacherSettings, find_teacher
 from core.training import recipe_for
 from pages import _shared as sh
 
@@ -36,11 +36,13 @@ settings = TeacherSettings(model, dataclasses.replace(recipe, epochs=int(epochs)
                                                      lr=float(lr), batch_size=int(batch),
                                                      precision="bf16" if bf16 else "fp32"))
 est_key = (data.name, model, int(epochs), int(subset), int(batch), bool(bf16), ss.device)
+train_payload = {"dataset": sh.dataset_name(), "data_root": None, "model": model, "train": dataclasses.asdict(settings.train),
+                 "pretrained": False, "device": ss.device, "measure": False}
 if st.button("Estimate the training time", icon=":material/timer:", key="teacher.estimate",
              help="Times a few training batches of these settings on this machine (a few seconds)."):
-    with sh.guarded("Could not estimate: "), st.spinner("Timing a few training batches…"):
-        from core.estimate import estimate_epoch_seconds
-        est = estimate_epoch_seconds(model, data, settings.train, ss.device)
+    est = sh.follow(sh.lab().submit("estimate", dict(train_payload, measure=False), owner=sh.owner(),
+                                    label=f"estimate {title}"), "Timing a few training batches…", chart=False)
+    if est is not None:
         ss.setdefault("teacher.estimates", {})[est_key] = est
 if est := ss.get("teacher.estimates", {}).get(est_key):
     st.info(f"Estimated on this machine: **{est['text']}** ({est['seconds_per_epoch']:.0f} s per epoch, "
@@ -58,16 +60,18 @@ if submitted and sh.require_instructor("train_teacher"):   # checked where it tr
             st.success("A teacher with these settings is already cached: nothing to train. (The "
                        "compression pages use the newest cached teacher.)", icon=":material/check_circle:")
         else:
-            with sh.job_slots().slot(f"teacher {title}"):
-                prog = sh.LiveProgress(f"Training {title} for {int(epochs)} epoch(s)…")
-                try:
-                    t = get_teacher(data, settings, device=ss.device, progress=prog, measure=False)
-                except Exception:
-                    prog.done("Training failed", ok=False)
-                    raise
-                prog.done(f"Trained in {t.meta.get('train_seconds', 0):.0f} s")
-            ss["teacher.trained"] = f"Trained {title} in {t.meta.get('train_seconds', 0):.0f} s."
-            st.rerun()   # so the sidebar and every page see the new teacher
+            job = sh.submit("train", train_payload, label=f"train {title} on {data.name}")
+            if job is not None:
+                ss["teacher.training"] = job.id
+
+# training runs in a worker: this session follows it (again after a rerun or a visit to another page)
+training = sh.lab().get(ss.get("teacher.training", "")) or sh.lab().find("train", train_payload)
+if training is not None and (training.active or ss.get("teacher.training") == training.id):
+    ss.pop("teacher.training", None)
+    out = sh.follow(training, f"Training {title} for {int(epochs)} epoch(s)…")
+    if out is not None:
+        ss["teacher.trained"] = f"Trained {title} in {sum(h['seconds'] for h in out['history']):.0f} s on {training.node}."
+        st.rerun()   # so the sidebar and every page see the new teacher
 
 if msg := ss.pop("teacher.trained", None):
     st.success(msg, icon=":material/check_circle:")
@@ -85,9 +89,13 @@ tr = (meta.get("settings") or {}).get("train", {})
 st.caption(f"trained {meta.get('created', '?')} on {meta.get('device', '?')} · {tr.get('epochs', '?')} epochs · "
            f"{'all' if not tr.get('subset') else tr.get('subset')} training images · {tr.get('precision', 'fp32')} · "
            f"{meta.get('train_seconds', 0):.0f} s of training · file {teacher.path.name}")
-with sh.guarded("Could not measure the teacher: "):
-    with st.spinner("Measuring accuracy, size, MACs and latency (once per teacher)…"):
-        m = baseline_metrics(teacher, data, int(ss.eval_size))
+m = stored_baseline(meta, int(ss.eval_size))
+if m is None:   # measured once per teacher and evaluation size, in a worker
+    m = sh.follow(sh.lab().submit("baseline", {"dataset": sh.dataset_name(), "model": model,
+                                               "eval_size": int(ss.eval_size)}, owner=sh.owner(),
+                                  label=f"measure {title}"),
+                  "Measuring accuracy, size and MACs (once per teacher)…", chart=False)
+if m is not None:
     sh.teacher_metric_row(m)
 hist = meta.get("history") or []
 if hist:

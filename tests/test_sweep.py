@@ -1,9 +1,10 @@
 import json
+import os
 import time
 
 import pytest
 
-from core import hardware, jobs
+from core import hardware
 from core.cli import main
 from core.results import ResultStore
 from core.sweep import SweepPlan, best_per_dataset, report_markdown, run_sweep, write_report
@@ -70,10 +71,9 @@ def test_compress_cli_json_shape(teacher, capsys):
     assert out["params"]["bits"] == 6 and out["eval_images"] == 200 and 0 <= out["compressed"]["accuracy"] <= 1
     assert out["compressed"]["size_bytes"] < out["baseline"]["size_bytes"] / 4
     assert out["cpu"] == hardware.cpu_id() and out["cpu"].startswith(hardware.cpu_summary()["name"])
-    # timed in an interactive worker, side by side: batch 1 on one thread, batch 64 on the worker's threads
-    worker_threads = {w["threads"] for w in jobs.manager().warm_up() if w["lane"] == "interactive"}
+    # timed in an interactive worker, side by side: batch 1 on one thread, batch 64 on the cores it was given
     for side in ("baseline", "compressed"):
-        assert out[side]["threads_b1"] == 1 and out[side]["threads"] in worker_threads
+        assert out[side]["threads_b1"] == 1 and 1 <= out[side]["threads"] <= os.cpu_count()
     assert out["engine"]["kind"] == "ray" and out["engine"]["local"] is True and out["engine"]["node"]
 
 
