@@ -1,8 +1,8 @@
 """Classroom benchmark: interactive throughput on 1 vs 2 worker CPUs (target: 2 workers ≥ 1.6× one).
 
 The same load - `--requests` distinct slider settings (fake-quantization bits, structured and
-unstructured pruning ratios), submitted at once - runs on a fresh job manager with each count of
-interactive workers (one CPU and one torch thread each), every worker first warmed with the dataset
+unstructured pruning ratios), submitted at once - runs on a fresh embedded Ray instance with
+that many CPUs and one interactive worker per CPU, every worker first warmed with the dataset
 and teacher, and every request computed (each run has its own result store). Throughput = requests
 / seconds from the first submission to the last result. Results go in docs/classroom.md.
 Run it on an otherwise idle machine: other jobs on the same cores make the ratio meaningless.

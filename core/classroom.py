@@ -466,7 +466,8 @@ def compare_workers(counts=(1, 2), requests: int = 12, *, dataset: str = "shapes
     runs = []
     jobs.shutdown()
     for n in counts:
-        lab = jobs.JobManager(address, interactive=n, long=1)
+        # an embedded engine of n CPUs: n workers, and a lone job gets n threads, never more
+        lab = jobs.JobManager(address, interactive=n, long=1, num_cpus=None if address else n)
         folder = settings.cache_dir() / "classroom"
         folder.mkdir(parents=True, exist_ok=True)
         store = ResultStore(folder / f"compare-{uuid.uuid4().hex[:8]}.sqlite")

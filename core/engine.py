@@ -71,8 +71,9 @@ def worker_env() -> dict:
     return {"PYTHONPATH": path, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def connect(address: str | None = None) -> Engine:
-    """The engine of this process: started or attached once, then reused."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> Engine:
+    """The engine of this process: started or attached once, then reused. `num_cpus` sizes an embedded
+    instance (default: every core here; benchmarks compare 1 against 2)."""
     global _ENGINE
     address = configured_address(address)
     with _LOCK:
@@ -84,15 +85,15 @@ def connect(address: str | None = None) -> Engine:
         if address is not None:
             probe(address)
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")   # its retry warnings would bury our one line
-        _ENGINE = _in_keeper_thread(lambda: _start(address))
+        _ENGINE = _in_keeper_thread(lambda: _start(address, num_cpus))
         return _ENGINE
 
 
-def _start(address: str | None) -> Engine:
+def _start(address: str | None, num_cpus: int | None = None) -> Engine:
     import ray
     runtime_env = {"env_vars": worker_env()}
     if address is None:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR", runtime_env=runtime_env, namespace="compression-lab")
         return Engine("embedded", True)
     try:
@@ -128,10 +129,6 @@ def _in_keeper_thread(start):
     if "error" in out:
         raise out["error"]
     return out["engine"]
-
-
-def current() -> Engine | None:
-    return _ENGINE
 
 
 def shutdown() -> None:

@@ -146,9 +146,9 @@ def job_env() -> dict:
 
 class JobManager:
     def __init__(self, address: str | None = None, interactive: int | None = None, long: int | None = None,
-                 long_queue: int | None = None):
+                 long_queue: int | None = None, num_cpus: int | None = None):
         import ray
-        self.engine = engine.connect(address)
+        self.engine = engine.connect(address, num_cpus)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.sizes = {"interactive": interactive or _env_int("COMPRESSION_LAB_WORKERS", cpus),
                       "long": long or _env_int("COMPRESSION_LAB_LONG_WORKERS", max(1, cpus // 4))}
@@ -160,7 +160,7 @@ class JobManager:
         self._pools = {lane: [] for lane in LANES}
         self._closed = False
         # embedded: this machine's cores, shared among the interactive jobs running at each moment
-        self.node_cpus = max(1, os.cpu_count() or 1) if self.engine.local else 0
+        self.node_cpus = cpus if self.engine.local else 0
         self._grow_pools()
         threading.Thread(target=self._dispatch_loop, name="lab-jobs", daemon=True).start()
 

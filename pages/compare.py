@@ -37,6 +37,7 @@ COLUMNS = {
 }
 config = {col: st.column_config.NumberColumn(label, format=fmt) for col, (label, fmt) in COLUMNS.items()}
 config["created"] = st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm")
+config["node"] = st.column_config.TextColumn("ran on", help="the Ray node (address/node id) that computed the run")
 st.dataframe(table, hide_index=True, key="cmp.table", column_config=config)
 st.download_button("Download as CSV", table.to_csv(index=False).encode(), file_name="compression_runs.csv",
                    mime="text/csv", icon=":material/download:", key="cmp.csv", on_click="ignore")

@@ -152,6 +152,8 @@ def test_slider_results_are_computed_in_ray_workers_and_listed_in_the_class_view
     visit(at, "pages/class_view.py")          # no password set: this browser is the instructor
     labels = " ".join(str(df.value.to_csv()) for df in at.dataframe)
     assert "bits': 3" in labels and run.engine["node"] in labels
+    visit(at, "pages/compare.py")             # every run says where it ran
+    assert run.engine["node"] in at.dataframe[0].value["node"].tolist()
 
 
 def test_pruning_slider_change_and_distillation_run(teacher):

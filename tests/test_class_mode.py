@@ -309,3 +309,18 @@ def test_the_secrets_file_turns_class_mode_on_too(lab):
     assert "Class mode: student" in [c.value for c in at.sidebar.caption]
     log_in(at, PASSWORD)
     assert "Log out" in [b.label for b in at.button]
+
+
+def test_the_class_page_is_the_instructors_only(lab, monkeypatch):
+    monkeypatch.setenv(roles.PASSWORD_ENV, PASSWORD)
+    at = new_app()
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("pages/class_view.py")            # not in a student's navigation at all
+    alone = AppTest.from_file(str(Path(APP).parent / "pages" / "class_view.py"), default_timeout=120).run()
+    assert not alone.exception and not alone.dataframe   # and the page itself refuses a student
+    assert [w.value for w in alone.warning] == ["Only the instructor can do this in class mode."]
+    assert not buttons(alone) & {"class.attach", "class.cancel", "class.refresh"}
+    log_in(at, PASSWORD)
+    visit(at, "pages/class_view.py")
+    assert at.dataframe and "class.attach" in buttons(at)
+    assert any(t.value == "Class" for t in at.title)
