@@ -161,6 +161,8 @@ class JobManager:
         self._closed = False
         # embedded: this machine's cores, shared among the interactive jobs running at each moment
         self.node_cpus = cpus if self.engine.local else 0
+        from .worker import make_gate
+        self._gate = make_gate()
         self._grow_pools()
         threading.Thread(target=self._dispatch_loop, name="lab-jobs", daemon=True).start()
 
@@ -330,12 +332,13 @@ class JobManager:
     def _run(self, slot: _Slot, job: Job, threads: int | None) -> None:
         import ray
         from ray import exceptions as rex
-        outcome, retry = "failed", False
+        outcome, retry, entered = "failed", False, None
         try:
             if slot.restarting:
                 _await_restart(slot)
             base = {"kind": "ray", "address": self.engine.address, "local": self.engine.local}
-            gen = slot.actor.run.remote(job.kind, job.payload, job.env, base, threads)
+            gen = slot.actor.run.remote(job.kind, job.payload, job.env, base, threads,
+                                        self._gate if job.lane == "long" else None)
             job._ref = gen
             for ref in gen:
                 tag, value = ray.get(ref)
@@ -343,6 +346,9 @@ class JobManager:
                     job.events.extend(value)
                 elif tag == "started":
                     job.node, job.pid = value["node"], value["pid"]
+                    if job.lane == "interactive":
+                        self._gate.enter.remote(job.node)
+                        entered = job.node
                 elif tag == "result":
                     job.result, outcome = value, "done"
                 else:
@@ -358,6 +364,8 @@ class JobManager:
                                     "half-written was stored: run it again" + f" ({type(exc).__name__})"}
         except Exception as exc:  # noqa: BLE001 - the job fails, the layer carries on
             job.error = {"type": type(exc).__name__, "message": str(exc)[:500], "user": False}
+        if entered:
+            self._gate.leave.remote(entered)
         with self._cv:
             slot.job = None
             slot.warm_key = job.warm_key

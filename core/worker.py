@@ -18,6 +18,7 @@ from .progress import Event
 
 KINDS: dict[str, Callable] = {}
 EVENT_TICK_S = 0.1   # progress is batched per tick: a training epoch emits hundreds of batch events
+MAX_PAUSE_S = 10.0   # a long job waits at most this long per batch: a busy class slows training, never stops it
 
 
 class Cancelled(Exception):
@@ -130,9 +131,10 @@ def sleep_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
     return {"slept": payload.get("seconds", 1.0), "pid": os.getpid()}
 
 
-def run_streaming(kind_name: str, payload: dict, env: dict, warm: Warm, where: dict, is_cancelled):
+def run_streaming(kind_name: str, payload: dict, env: dict, warm: Warm, where: dict, is_cancelled, pause=None):
     """Run one job in a thread; yield ("events", [event dicts]) as they come, then ("result", value) or
-    ("error", {"type", "message", "user"}). `is_cancelled()` is polled; the job stops at its next event."""
+    ("error", {"type", "message", "user"}). `is_cancelled()` is polled; the job stops at its next event.
+    `pause()`, when given, is called at every batch (a long job waits there while slider jobs run)."""
     if kind_name not in KINDS:
         yield "error", {"type": "LabError", "message": f"unknown job kind {kind_name!r}", "user": True}
         return
@@ -146,6 +148,8 @@ def run_streaming(kind_name: str, payload: dict, env: dict, warm: Warm, where: d
         if flag["cancel"]:
             raise Cancelled("cancelled")
         events.put(asdict(ev))
+        if pause is not None and ev.kind == "batch":
+            pause()
 
     def body():
         try:
@@ -199,13 +203,48 @@ def make_actor_class():
             return {"node": self.where(), "pid": os.getpid(), "threads": torch.get_num_threads(), "lane": self.lane}
 
         @ray.method(num_returns="streaming")
-        def run(self, kind_name: str, payload: dict, env: dict, engine: dict, threads: int | None = None):
+        def run(self, kind_name: str, payload: dict, env: dict, engine: dict, threads: int | None = None,
+                gate=None):
             import torch
             if threads:
                 torch.set_num_threads(threads)
             ctx = ray.get_runtime_context()
             where = dict(engine, node=self.where())
             yield "started", {"node": where["node"], "pid": os.getpid()}
-            yield from run_streaming(kind_name, payload, env, self.warm, where, ctx.is_canceled)
+            pause = None if gate is None else _gate_pause(gate, where["node"])
+            yield from run_streaming(kind_name, payload, env, self.warm, where, ctx.is_canceled, pause)
 
     return ray.remote(LabWorker)
+
+
+def _gate_pause(gate, node: str):
+    """A long job's pause: wait while an interactive job runs on this node (niceness alone left slider
+    jobs ~1.4x slower beside training: docs/classroom.md)."""
+    import ray
+
+    def pause() -> None:
+        deadline = time.monotonic() + MAX_PAUSE_S
+        while ray.get(gate.count.remote(node)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return pause
+
+
+def make_gate():
+    """A tiny actor counting the interactive jobs running on each node; long jobs there pause at their
+    next batch while any runs, so a slider result does not share its cores with training."""
+    import ray
+
+    class Gate:
+        def __init__(self):
+            self.running: dict[str, int] = {}
+
+        def enter(self, node: str) -> None:
+            self.running[node] = self.running.get(node, 0) + 1
+
+        def leave(self, node: str) -> None:
+            self.running[node] = max(0, self.running.get(node, 0) - 1)
+
+        def count(self, node: str) -> int:
+            return self.running.get(node, 0)
+
+    return ray.remote(num_cpus=0, max_restarts=-1)(Gate).remote()

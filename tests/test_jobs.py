@@ -128,3 +128,19 @@ def test_a_killed_long_worker_fails_the_job_with_a_clear_message(lab):
     assert job.state == "failed"
     # the restarted worker takes the next job
     assert lab.submit("sleep", {"seconds": 0.1, "steps": 1, "tag": "after"}, lane="long").follow(timeout=120)
+
+
+def test_long_jobs_pause_while_a_slider_job_runs_on_their_node(lab):
+    long = lab.submit("sleep", {"seconds": 8, "steps": 80, "tag": "trainer"}, lane="long", owner="t")
+    while len(long.events) < 5:
+        time.sleep(0.05)
+    quick = lab.submit("sleep", {"seconds": 1.5, "steps": 3, "tag": "slider"}, owner="s")
+    while quick.node == "":
+        time.sleep(0.02)
+    time.sleep(0.3)                         # the gate hears of the slider job; the long job's batch ends
+    before = len(long.events)
+    quick.follow(timeout=30)
+    during = len(long.events) - before      # unpaused, ~10 batches would have passed in the second and more
+    assert during <= 2, f"the long job ran {during} batches beside a slider job"
+    long.follow(timeout=60)                 # and it resumes afterwards
+    assert long.state == "done"
