@@ -162,9 +162,14 @@ def store():
 # ----------------------------------------------------------------------------- jobs
 # Heavy work goes to core.jobs (Ray workers); the server process only submits, follows and draws.
 def lab():
-    """This server's job manager (one per process; started on first use)."""
+    """This server's job manager (one per process; started on first use). A cluster that cannot be reached
+    stops the page with one line: the lab never falls back to this machine without saying so."""
     from core import jobs
-    return jobs.manager()
+    try:
+        return jobs.manager()
+    except LabError as exc:
+        st.error(f"**Not connected to the compute engine.** {exc}", icon=":material/cloud_off:")
+        st.stop()
 
 
 def owner() -> str:

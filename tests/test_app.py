@@ -92,6 +92,23 @@ def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
     assert at.toggle(key="teacher.bf16").value == bf16_training_supported("cpu")   # the recipe's precision
 
 
+def test_an_unreachable_cluster_is_one_message_and_no_local_fallback(monkeypatch):
+    import socket
+
+    from core import engine, jobs
+    with socket.socket() as s:                       # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setattr(jobs, "_MANAGER", None)     # as in a freshly started server
+    monkeypatch.setattr(engine, "_ENGINE", None)
+    at = visit(new_app(), "pages/class_view.py")
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in errors[0]
+    assert "unset RAY_ADDRESS" in errors[0] and not at.dataframe
+    assert engine._ENGINE is None and jobs._MANAGER is None   # nothing was started here instead
+
+
 def test_missing_dataset_offline_is_a_message_not_a_traceback():
     at = new_app()
     at.selectbox(key="dataset").set_value("cifar10").run()
