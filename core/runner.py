@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -277,11 +277,11 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
 
 def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner: str = "cli",
                       address: str | None = None) -> ExperimentResult:
-    """run_experiment on the job layer (a Ray worker): the CLI and sweeps; the caller waits."""
+    """run_experiment on the job layer (a Ray worker) for the CLI; the caller waits. Work that trains (or
+    a teacher not cached yet) goes to the long lane."""
     from . import jobs
-    from .predict import latest_teacher_entry
-    from dataclasses import asdict
     from .engine import check_reachable
+    from .predict import latest_teacher_entry
     cfg = cfg.validate()
     check_reachable(address)
     data = load_dataset(cfg.dataset, cfg.data_root)   # missing data fails here, before any worker starts

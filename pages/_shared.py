@@ -195,9 +195,13 @@ def submit(kind: str, payload: dict, label: str, lane: str | None = None):
 
 
 def cancel_button(job) -> bool:
-    """A Cancel button for a job this session waits for; True when pressed (the job is then cancelled)."""
+    """A Cancel button for a job this session asked for (or any job, for the instructor); True when pressed
+    (the job is then cancelled, or left to the other sessions that still wait for it)."""
+    instructor = class_mode() and can("cancel_others_jobs")
+    if owner() not in job.owners and not instructor:
+        return False
     if st.button(f"Cancel {job.label or job.kind}", key=f"cancel.{job.id}", icon=":material/cancel:"):
-        lab().cancel(job.id, by=owner(), instructor=can("cancel_others_jobs") and class_mode())
+        lab().cancel(job.id, by=owner(), instructor=instructor)
         st.info("Cancelled. Finished epochs are kept: running the same settings again resumes them.",
                 icon=":material/cancel:")
         return True
