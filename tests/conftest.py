@@ -12,6 +12,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see d
 os.environ.setdefault("COMPRESSION_LAB_DATA", os.path.join(_SESSION_CACHE, "data"))
 
 
+# the quick loop (`bash tests/run.sh --quick`) leaves these out: real browsers, real clusters, simulated classes
+SLOW_FILES = {"test_browser.py", "test_cluster.py", "test_classroom.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's cache holds hundreds of MB of models: gone afterwards unless asked to keep it.
     The job layer's Ray workers (started by the first test that submits a job) stop first."""

@@ -18,4 +18,9 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         echo "note: chromium/chromedriver missing; install them (apt-get install chromium chromium-driver) for the browser test" >&2
     fi
 fi
+# --quick: the day-to-day loop, without the browser, cluster and classroom tests (CI runs everything)
+if [ "${1:-}" = "--quick" ]; then
+    shift
+    set -- -m "not slow" "$@"
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
