@@ -26,6 +26,7 @@ KIND_LANES = {"train": "long", "compress": "interactive", "baseline": "interacti
               "sleep": "interactive"}
 FINISHED_KEPT = 100          # finished jobs the Class view can still show
 INTERACTIVE_RETRIES = 1      # a killed interactive worker's job runs once more; long jobs resume by hand
+CLUSTER_CHECK_S = 30         # how often the manager looks for CPUs that joined the cluster
 LONG_NICE = 10               # long-lane workers' CPU priority (CFS weight ~1/10 of an interactive worker's)
 
 
@@ -153,6 +154,9 @@ class JobManager:
         self.sizes = {"interactive": interactive or _env_int("COMPRESSION_LAB_WORKERS", cpus),
                       "long": long or _env_int("COMPRESSION_LAB_LONG_WORKERS", max(1, cpus // 4))}
         self.long_queue = long_queue or max(4, 4 * self.sizes["long"])
+        # sizes nobody chose follow the cluster: a node added during class gets workers
+        self._auto = interactive is None and "COMPRESSION_LAB_WORKERS" not in os.environ
+        self._cpus, self._checked = cpus, time.monotonic()
         self._cv = threading.Condition()
         self._queues = {lane: deque() for lane in LANES}
         self._inflight: dict[str, Job] = {}
@@ -306,6 +310,20 @@ class JobManager:
                 started = self._assign()
                 if not started:
                     self._cv.wait(1.0)
+            if self._auto and time.monotonic() - self._checked > CLUSTER_CHECK_S:
+                self._follow_cluster()
+
+    def _follow_cluster(self) -> None:
+        """Start interactive workers for CPUs that joined the cluster since the last look."""
+        import ray
+        self._checked = time.monotonic()
+        try:
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+        except Exception:  # noqa: BLE001 - a cluster briefly unreachable: look again later
+            return
+        if cpus > self._cpus:
+            self._cpus = cpus
+            self.scale_to(interactive=cpus, long=max(1, cpus // 4))
 
     def _assign(self) -> bool:
         """Give queued jobs to idle workers (called under the lock); whether any started."""

@@ -144,3 +144,20 @@ def test_long_jobs_pause_while_a_slider_job_runs_on_their_node(lab):
     assert during <= 2, f"the long job ran {during} batches beside a slider job"
     long.follow(timeout=60)                 # and it resumes afterwards
     assert long.state == "done"
+
+
+def test_workers_follow_cpus_that_join_the_cluster(lab, monkeypatch):
+    import ray
+    real = ray.cluster_resources
+    monkeypatch.delenv("COMPRESSION_LAB_WORKERS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(real(), CPU=1.0))   # one CPU when it starts
+    grown = jobs.JobManager(long=1)
+    try:
+        assert len(grown._pools["interactive"]) == 1
+        monkeypatch.setattr(ray, "cluster_resources", real)                       # then a node's CPUs join
+        grown._follow_cluster()
+        assert len(grown._pools["interactive"]) == grown.sizes["interactive"] == int(real()["CPU"]) >= 2
+        grown._follow_cluster()                                                   # nothing new: nothing started
+        assert len(grown._pools["interactive"]) == int(real()["CPU"])
+    finally:
+        grown.shutdown()
