@@ -275,6 +275,12 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
         return result
 
 
+def lane(cfg: ExperimentConfig) -> str:
+    """The job layer's lane for this request: "long" when it trains (fine-tuning, distillation, a teacher)."""
+    trains = get_technique(cfg.technique).trains(cfg.params) or cfg.teacher_train is not None
+    return "long" if trains else "interactive"
+
+
 def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner: str = "cli",
                       address: str | None = None) -> ExperimentResult:
     """run_experiment on the job layer (a Ray worker) for the CLI; the caller waits. Work that trains (or
@@ -285,10 +291,9 @@ def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner:
     cfg = cfg.validate()
     check_reachable(address)
     data = load_dataset(cfg.dataset, cfg.data_root)   # missing data fails here, before any worker starts
-    trains = get_technique(cfg.technique).trains(cfg.params) or cfg.teacher_train is not None \
-        or latest_teacher_entry(data, cfg.model) is None
+    untrained = latest_teacher_entry(data, cfg.model) is None   # the worker trains the teacher first
     out = jobs.run("compress", asdict(cfg), progress=progress, owner=owner, address=address,
-                   lane="long" if trains else "interactive", label=f"{cfg.technique} {cfg.model} on {data.name}")
+                   lane="long" if untrained else lane(cfg), label=f"{cfg.technique} {cfg.model} on {data.name}")
     return ExperimentResult.from_dict(out)
 
 

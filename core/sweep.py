@@ -14,7 +14,7 @@ from .errors import LabError
 from .models import STUDY_TEACHERS
 from .progress import ProgressFn, emit
 from .results import ExperimentResult, ResultStore, cpu_counts, results_frame
-from .runner import ExperimentConfig
+from .runner import ExperimentConfig, lane
 from .training import recipe_for
 
 SEED_DATASETS = ["cifar10", "svhn"]
@@ -58,7 +58,6 @@ def run_sweep(plan: SweepPlan, progress: ProgressFn = None, store: ResultStore |
     from .datasets import load_dataset
     from .engine import check_reachable
     from .predict import latest_teacher_entry
-    from .techniques import get_technique
     configs = [c.validate() for c in plan.configs(data_root, device)]
     check_reachable(address)
     datas = {ds: load_dataset(ds, data_root) for ds in plan.datasets}   # missing data fails now
@@ -75,9 +74,8 @@ def run_sweep(plan: SweepPlan, progress: ProgressFn = None, store: ResultStore |
         job.follow(progress)
     submitted = []
     for cfg in configs:
-        lane = "long" if get_technique(cfg.technique).trains(cfg.params) else "interactive"
         payload = dict(asdict(cfg), store=str(store.path) if store else None)
-        submitted.append(lab.submit("compress", payload, lane=lane,
+        submitted.append(lab.submit("compress", payload, lane=lane(cfg),
                                     label=f"{cfg.dataset} {cfg.model} {cfg.technique} {cfg.params}"))
     emit(progress, stage="sweep", kind="message", message=f"{len(submitted)} cells on {lab.status()['workers']} workers")
     results = []

@@ -12,7 +12,7 @@ from core.models import MODELS
 from core.predict import cached_result
 from core.results import results_frame
 from core.results import ExperimentResult
-from core.runner import ExperimentConfig
+from core.runner import ExperimentConfig, lane
 from core.techniques import get_technique
 from pages import _shared as sh
 
@@ -80,7 +80,7 @@ def _run(spec, cfg, teacher, data, start: bool):
         return None
     if job is None:
         job = sh.submit("compress", payload, label=f"{spec.title} {cfg.params} · {MODELS[cfg.model].title}",
-                        lane="long" if spec.trains(cfg.params) else "interactive")
+                        lane=lane(cfg))
         if job is None:
             return None
     out = sh.follow(job, f"Running {spec.title.lower()}…", reference=teacher_reference(teacher))

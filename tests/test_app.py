@@ -164,7 +164,8 @@ def test_slider_results_are_computed_in_ray_workers_and_listed_in_the_class_view
     run = next(r for r in ResultStore().all(technique="quantize") if r.params.get("bits") == 3)
     assert run.engine["kind"] == "ray" and run.engine["local"] is True and run.engine["node"]
     from core import jobs
-    job = next(j for j in jobs.manager().jobs() if j.kind == "compress" and j.payload["params"]["bits"] == 3)
+    job = next(j for j in jobs.manager().jobs() if j.kind == "compress" and j.payload["technique"] == "quantize"
+               and j.payload["params"].get("bits") == 3)
     assert job.pid and job.pid != os.getpid() and job.owners[0].startswith("browser")
     visit(at, "pages/class_view.py")          # no password set: this browser is the instructor
     labels = " ".join(str(df.value.to_csv()) for df in at.dataframe)
