@@ -93,8 +93,10 @@ class Job:
             raise LabError(err["message"])
         raise JobFailed(f"{err.get('type', 'error')}: {err['message']}", err.get("trace", ""))
 
-    def follow(self, progress: ProgressFn = None, poll: float = 0.1, timeout: float | None = None) -> dict:
-        """Replay this job's progress into `progress` until it ends; then its outcome()."""
+    def follow(self, progress: ProgressFn = None, poll: float = 0.1, timeout: float | None = None,
+               on_wait=None) -> dict:
+        """Replay this job's progress into `progress` until it ends; then its outcome(). `on_wait()` is
+        called after every poll that did not end it (a page redraws there, so a rerun can interrupt)."""
         seen, t0 = 0, time.monotonic()
         while True:
             finished = self.wait(poll)
@@ -105,6 +107,8 @@ class Job:
             seen = n
             if finished and seen == len(self.events):
                 return self.outcome()
+            if on_wait is not None:
+                on_wait()
             if timeout is not None and time.monotonic() - t0 > timeout:
                 raise LabError(f"{self.label or self.kind}: no result after {timeout:.0f} s")
 

@@ -216,20 +216,13 @@ def follow(job, title: str, reference: float | None = None, chart: bool = True):
     if cancel_button(job):
         return None
     prog = LiveProgress(title, reference=reference, chart=chart)
-    seen = 0
-    while True:
-        finished = job.wait(0.3)
-        events = job.events[seen:]
-        seen += len(events)
-        for ev in events:
-            prog(core.Event(**ev))
-        if finished and seen == len(job.events):
-            break
+
+    def heartbeat() -> None:
         where = f" on {job.node}" if job.node else ""
         prog.bar.progress(prog.fraction, text=prog.text or ("queued…" if job.state == "queued"
                                                            else f"running{where}…"))
     try:
-        out = job.outcome()
+        out = job.follow(prog, poll=0.3, on_wait=heartbeat)
     except Exception as exc:  # noqa: BLE001 - shown as a message; other sessions carry on
         prog.done("Stopped" if job.state == "cancelled" else "Failed", ok=False)
         show_error(exc)
