@@ -162,30 +162,52 @@ def history_chart(frame: pd.DataFrame, reference: float | None = None, reference
 
 
 # ----------------------------------------------------------------------------- trade-offs
-def pareto_mask(frame: pd.DataFrame, cost: str, gain: str = "compressed_accuracy") -> pd.Series:
-    """True for runs no other run beats: none is at most as costly and at least as accurate (and better in one)."""
+# a Pareto front compares runs of one teacher on one dataset: across datasets (or teachers) a run is
+# "dominated" by one that solved an easier problem or started from a bigger model, which says nothing
+FRONT_GROUPS = ("dataset", "model")
+
+
+def pareto_mask(frame: pd.DataFrame, cost: str, gain: str = "compressed_accuracy",
+                by: tuple | list | None = FRONT_GROUPS) -> pd.Series:
+    """True for runs no other run beats: none is at most as costly and at least as accurate (and better in one).
+
+    One front per group of `by` (default: per dataset and teacher; the columns the frame has);
+    `by=None` or `()` makes one front over every run."""
     ok = frame[cost].notna() & frame[gain].notna()
     mask = pd.Series(False, index=frame.index)
-    sub = frame.loc[ok, [cost, gain]].astype(float)
-    # sort by cost ascending, accuracy descending; a point is on the front if it beats every cheaper one
-    order = sub.sort_values([cost, gain], ascending=[True, False])
-    best = -math.inf
-    for idx, row in order.iterrows():
-        if row[gain] > best:
-            mask[idx] = True
-            best = row[gain]
+    keys = [c for c in (by or ()) if c in frame.columns]
+    sub = frame.loc[ok, [cost, gain] + keys]
+    groups = sub.groupby(keys, sort=False, dropna=False) if keys else [(None, sub)]
+    for _, g in groups:
+        # sort by cost ascending, accuracy descending; a point is on the front if it beats every cheaper one
+        order = g[[cost, gain]].astype(float).sort_values([cost, gain], ascending=[True, False])
+        best = -math.inf
+        for idx, value in order[gain].items():
+            if value > best:
+                mask[idx] = True
+                best = value
     return mask
 
 
-def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool = True, divide: float = 1.0,
-                   height: int = 380) -> alt.LayerChart:
-    """Accuracy vs a cost (size, latency), coloured by technique, the Pareto front drawn as a step line.
+def front_label(frame: pd.DataFrame, by: tuple | list | None = FRONT_GROUPS) -> pd.Series:
+    """The front each run belongs to, as text ("cifar10 · resnet34"); one label when `by` is empty."""
+    keys = [c for c in (by or ()) if c in frame.columns]
+    if not keys:
+        return pd.Series("all runs", index=frame.index, dtype=object)
+    return frame[keys].astype(str).agg(" · ".join, axis=1)
 
-    `divide` rescales the cost for the axis (bytes -> MB); the teacher is drawn as a cross.
+
+def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool = True, divide: float = 1.0,
+                   height: int = 380, by: tuple | list | None = FRONT_GROUPS) -> alt.LayerChart:
+    """Accuracy vs a cost (size, latency), coloured by technique, the Pareto fronts drawn as step lines.
+
+    One front per dataset and teacher (`by`; None: one front over all runs). `divide` rescales the
+    cost for the axis (bytes -> MB); each teacher is drawn as a cross.
     """
     df = frame.copy()
     df = df[df[cost].notna() & df["compressed_accuracy"].notna()]
-    df["pareto"] = pareto_mask(df, cost) if len(df) else pd.Series(dtype=bool)
+    df["pareto"] = pareto_mask(df, cost, by=by) if len(df) else pd.Series(dtype=bool)
+    df["front"] = front_label(df, by) if len(df) else pd.Series(dtype=object)
     df["on front"] = np.where(df["pareto"], "Pareto front", "dominated")
     df["x"] = df[cost] / divide
     scale = alt.Scale(type="log") if log_x else alt.Scale(zero=False)
@@ -195,21 +217,25 @@ def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool 
     y = alt.Y("compressed_accuracy:Q", title="accuracy", axis=alt.Axis(format="%"), scale=alt.Scale(zero=False))
     tooltip = [alt.Tooltip("setting:N"), alt.Tooltip("dataset:N"), alt.Tooltip("model:N"),
                alt.Tooltip("compressed_accuracy:Q", title="accuracy", format=".1%"),
-               alt.Tooltip("x:Q", title=cost_title, format=",.3~f"), alt.Tooltip("on front:N")]
+               alt.Tooltip("x:Q", title=cost_title, format=",.3~f"), alt.Tooltip("on front:N"),
+               alt.Tooltip("front:N", title="front of")]
     points = alt.Chart(df).mark_point(filled=True, size=80).encode(
         x=x, y=y, color=color, shape=alt.Shape("on front:N", title=None,
                                                scale=alt.Scale(domain=["Pareto front", "dominated"],
                                                                range=["diamond", "circle"])),
         tooltip=tooltip)
     front = df[df["pareto"]].sort_values(cost)
-    line = alt.Chart(front).mark_line(interpolate="step-after", color="#888", strokeDash=[4, 3]).encode(x=x, y=y)
+    line = alt.Chart(front).mark_line(interpolate="step-after", color="#888", strokeDash=[4, 3]).encode(
+        x=x, y=y, detail="front:N")   # one line per front, never joined across datasets or teachers
     layers = [line, points]
     bcost = cost.replace("compressed_", "baseline_")
     if len(frame) and bcost in frame and "baseline_accuracy" in frame:
-        teach = frame.drop_duplicates("model")[["model", bcost, "baseline_accuracy"]].dropna()
+        per = [c for c in ("dataset", "model") if c in frame.columns]   # a teacher per dataset and model
+        teach = frame.drop_duplicates(per)[per + [bcost, "baseline_accuracy"]].dropna()
         if len(teach):
+            label = "teacher " + teach["model"] + (" on " + teach["dataset"].astype(str) if "dataset" in teach else "")
             teach = pd.DataFrame({"x": teach[bcost] / divide, "compressed_accuracy": teach["baseline_accuracy"],
-                                  "label": "teacher " + teach["model"]})
+                                  "label": label})
             layers.append(alt.Chart(teach).mark_point(shape="cross", size=140, color="#333", strokeWidth=2)
                           .encode(x=x, y=y, tooltip=["label:N"]))
     return alt.layer(*layers).properties(height=height)

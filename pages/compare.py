@@ -51,8 +51,9 @@ if len(view):
         st.subheader("Accuracy vs latency")
         st.altair_chart(views.tradeoff_chart(view, "compressed_latency_ms_b1", "CPU latency, batch 1 (ms, log)"),
                         width="stretch")
-    st.caption("◆ = on the Pareto front (no other run is both smaller/faster and more accurate); "
-               "dashed line: the front; ✚ = the teacher.")
+    st.caption("◆ = on the Pareto front of its dataset and teacher (no other run of the same teacher on the same "
+               "dataset is both smaller/faster and more accurate); dashed lines: one front per dataset and "
+               "teacher; ✚ = each teacher.")
 
     st.subheader("Best technique per dataset")
     ratio = st.slider("At least this many times smaller than the teacher", 1.0, 32.0, 2.0, 0.5, key="cmp.ratio")
