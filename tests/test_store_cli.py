@@ -72,7 +72,7 @@ def test_info_json_has_the_documented_keys(capsys):
     assert code == 0 and {"datasets", "models", "students", "devices", "cache"} <= set(info)
     assert all(isinstance(info[k], list) for k in ("datasets", "models", "students", "devices", "cache"))
     assert "shapes" in [d["name"] for d in info["datasets"]] and "cpu" in info["devices"]
-    # what this CPU offers int8 (VNNI or not: docs/bench_quantization.md, session 13) and bf16
+    # what this CPU offers int8 (VNNI or not: docs/bench_quantization.md, 2026-12-06) and bf16
     cpu = info["cpu"]
     assert cpu["cores"] >= 1 and cpu["vector"] and cpu["int8_line"].startswith("int8:")
     assert cpu["bf16"] in (True, False) and cpu["int8_vnni"] in (True, False, None)

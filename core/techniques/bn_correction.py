@@ -4,7 +4,7 @@ training images.
 
 Rounding or removing a convolution's weights shifts the mean and scales the variance of each output
 channel; the batch norm after it keeps normalizing with the teacher's statistics, and the error
-compounds layer after layer. Measured on the CIFAR-10 teachers (docs/bench_quantization.md, session 8),
+compounds layer after layer. Measured on the CIFAR-10 teachers (docs/bench_quantization.md, 2026-11-29),
 correcting mean and variance cut the 4-bit drop of ResNet-50 from 3.0 to 0.5 points, the 3-bit one
 from 18 to 3, and structured pruning of 30% of ResNet-34's channels from 21 to 7 before fine-tuning;
 correcting the mean alone made 3 bits worse. The correction must run layer by layer, each layer

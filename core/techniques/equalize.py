@@ -4,7 +4,7 @@ int8 gives each activation tensor one scale (ONNX Runtime's QLinearConv), and a 
 very uneven: in a Shapes-trained DenseNet-121 the inputs of denseblock4's convolutions reach 950 while
 the median channel never passes 0.64, and the transition convolutions write features far from zero that
 the batch norms reading them re-centre. Rounded to 256 levels, those channels vanish, and the network
-fell to chance (docs/bench_quantization.md, session 10). Two rescalings fix much of it, both exact in fp32:
+fell to chance (docs/bench_quantization.md, 2026-11-29, Intel Xeon). Two rescalings fix much of it, both exact in fp32:
 
 - inputs (cross-layer equalization, as in data-free quantization, Nagel et al. 2019): every
   batch norm -> ReLU -> convolution divides channel c of the batch norm's output by s_c and

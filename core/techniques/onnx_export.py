@@ -34,7 +34,7 @@ class _RunningConcatDenseBlock(nn.Module):
     layer; exported, each layer's output then feeds every later concatenation, and ONNX Runtime gives
     each of those reads of an int8 output its own DequantizeLinear (598 per DenseNet-121 image instead
     of 58). The running form computes the same numbers (tested) and is 1.3-1.4x faster in int8 at batch
-    1 (docs/bench_quantization.md, session 8).
+    1 (docs/bench_quantization.md, 2026-11-29).
     """
 
     def __init__(self, block: nn.Module):

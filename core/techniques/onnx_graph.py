@@ -199,7 +199,7 @@ def centre_taps(onnx_bytes: bytes) -> bytes:
     At the lab's 32x32 input, ResNets reach 1x1 maps in layer4 and DenseNet-121 in denseblock4: there
     a padded 3x3 convolution only ever multiplies its centre weight by data, the other eight by the
     zero padding (five of ResNet-34's layer4 convolutions: 10.5 M of the model's 21.3 M weights).
-    Same outputs; the int8 ResNet-34 then fits the CPU cache (docs/bench_quantization.md, session 9).
+    Same outputs; the int8 ResNet-34 then fits the CPU cache (docs/bench_quantization.md, 2026-11-29).
     """
     return _rewritten(onnx_bytes, b"Conv", _cut_centre_taps)
 

@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning before int8 (`qat_epochs`): the model learns to live with 8-bit activations.
 
 Post-training int8 gives every activation tensor one scale. A network whose channels differ by orders of
-magnitude (the Shapes DenseNet-121 of docs/bench_quantization.md, sessions 10-11: 7.6 points lost even
+magnitude (the Shapes DenseNet-121 of docs/bench_quantization.md, 2026-11-29: 7.6 points lost even
 after equalization) needs its weights to adapt to that rounding. A few epochs of the shared training loop
 do it, with every activation that ONNX Runtime quantizes rounded to its 8-bit grid on the way forward and
 passed straight through on the way back (straight-through estimator). Batch norms keep their running

@@ -50,7 +50,7 @@ def int8_pairs_saturate() -> bool:
     x86 without VNNI (AVX2, or AVX-512 without VNNI: older Intel, AMD before Zen 4) multiplies with
     vpmaddubsw, which adds two products in 16 bits: 255 x 127 x 2 overflows int16, while 7-bit weights
     (ORT's reduce_range) cannot (255 x 64 x 2 < 32768). VNNI and ARM accumulate in 32 bits. Measured on an
-    AVX2 AMD EPYC (docs/bench_quantization.md, session 13): 8-bit weights flipped 0.65% of a ResNet-34's
+    AVX2 AMD EPYC (docs/bench_quantization.md, 2026-12-06): 8-bit weights flipped 0.65% of a ResNet-34's
     predictions against exact int8 arithmetic, 7-bit weights none.
     """
     from ..hardware import int8_vnni

@@ -64,7 +64,7 @@ PARAMS = [
     ParamSpec("equalize", "bool", True,
               help="int8 mode, DenseNets: before quantizing, rescale channels (the same model in fp32) so that one "
                    "int8 scale per tensor fits them all: equalize batch norm -> convolution pairs and centre and "
-                   "scale the features written into concatenations (docs/bench_quantization.md, session 10)"),
+                   "scale the features written into concatenations (docs/bench_quantization.md)"),
     ParamSpec("qat_epochs", "int", 0, 0, 20, step=1,
               help="int8 mode: epochs of quantization-aware fine-tuning before converting (activations rounded "
                    "to 8 bits in training, core/techniques/qat.py): for models that lose too much in int8 "
@@ -86,28 +86,28 @@ PARAMS = [
               help="int8 mode: weights on the full int8 grid (8bit) or on 7 bits (ONNX Runtime's reduce_range). "
                    "CPUs without VNNI (AVX2, or AVX-512 without VNNI) add int8 products in pairs in 16 bits, "
                    "which saturate with 8-bit weights and cannot with 7; auto: 7bit on such a CPU, 8bit "
-                   "elsewhere (measured, docs/bench_quantization.md, session 13)"),
+                   "elsewhere (measured, docs/bench_quantization.md)"),
 ]
-# "auto" per architecture (accuracy drop in points, full test set). Session-6 Shapes teachers: DenseNet-121
+# "auto" per architecture (accuracy drop in points, full test set). Shapes teachers of 2026-11-28: DenseNet-121
 # min/max 13.8, p99.9 1.8, p99.5 0.65; ResNet-50 min/max 0.55, p99.9 0.75, p99.5 3.75; ResNet-34 0.0 / 0.1 /
 # 0.9. DenseNet's concatenated features carry rare large activations. DenseNet-121 since, p99.9 against
-# p99.5: session-4 CIFAR-10 teacher 1.64 / 1.98; session-10 teachers, equalized, edges+1x1 fp32:
-# CIFAR-10 0.20 / 0.98, Shapes (1,000 images) 8.5 / 13.3 (docs/bench_quantization.md, session 10).
+# p99.5: a CIFAR-10 teacher of 2026-11-28 1.64 / 1.98; teachers of 2026-11-29 (Intel Xeon), equalized, edges+1x1 fp32:
+# CIFAR-10 0.20 / 0.98, Shapes (1,000 images) 8.5 / 13.3 (docs/bench_quantization.md, 2026-11-29).
 AUTO_CALIBRATION = {"densenet121": "p99.9"}
 # "auto" fp32 layers: the candidates in order; the first whose int8 model agrees with fp32 on at least
 # AUTO_MIN_AGREEMENT of the calibration images is kept, else the one that agrees most (after quantization-
-# aware fine-tuning the Shapes DenseNet-121 agreed 0.81 with edges, 0.71 with edges+1x1). Session 9 (CIFAR-10 teachers, int8 drop
+# aware fine-tuning the Shapes DenseNet-121 agreed 0.81 with edges, 0.71 with edges+1x1). On 2026-11-29 (CIFAR-10 teachers, int8 drop
 # in points, batch-1 speed-up): ResNet-34 none 0.10 (3.62x) / classifier 0.04 (3.46x) / edges -0.14 (3.18x);
 # ResNet-50 0.18 (2.71x) / 0.18 (2.78x) / 0.10 (2.59x): the logits layer is free, the stem costs 5-15%.
-# DenseNet-121 since its batch norms run as int8 convolutions (session 11): CIFAR-10 edges 0.16 (1.73x,
+# DenseNet-121 since its batch norms run as int8 convolutions (commit fd68fd5): CIFAR-10 edges 0.16 (1.73x,
 # agreement 0.95) / edges+1x1 0.08 (1.59x, 0.97); the fragile Shapes teacher edges 22.9 (agreement 0.60) /
-# edges+1x1 7.6 (0.79): its denseblock4 (1x1 maps at 32x32) carries rare huge activations. Session 12: the
+# edges+1x1 7.6 (0.79): its denseblock4 (1x1 maps at 32x32) carries rare huge activations. Later (commit 03fc320): the
 # rest of its loss is in denseblock3 (2x2 maps) and the transitions, whose errors every later layer reads:
 # edges+2x2+pooled -0.15 (agreement 0.93) at 1.3x instead of 1.6x.
 AUTO_FP32_LAYERS = {"densenet121": ("edges", "edges+1x1", "edges+2x2+pooled")}
 AUTO_MIN_AGREEMENT = 0.9
-# Shown with every int8 result made on a CPU without VNNI (session 13, AVX2 AMD EPYC, Shapes ResNet-34:
-# batch 1 1.55x faster than fp32, against 3.2x on the AVX-512 VNNI Xeon of session 12)
+# Shown with every int8 result made on a CPU without VNNI (2026-12-06, AVX2 AMD EPYC, Shapes ResNet-34:
+# batch 1 1.55x faster than fp32, against 3.2x on the AVX-512 VNNI Intel Xeon on 2026-11-29)
 NO_VNNI_NOTE = ("This CPU has no VNNI (8-bit dot-product instructions): ONNX Runtime multiplies int8 through "
                 "16-bit intermediate sums, so int8 gains less speed here than on newer CPUs (about 1.5x at batch "
                 "1 for a ResNet-34 on an AVX2 CPU, 3x and more with VNNI), and ")
