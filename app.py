@@ -13,7 +13,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 st.set_page_config(page_title="Model Compression Lab", page_icon=":material/compress:", layout="wide")
 
-from pages import _shared  # noqa: E402  (after set_page_config)
+from pages import _roles, _sidebar  # noqa: E402  (after set_page_config)
 
 PAGES = {
     "Lab": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
@@ -26,8 +26,8 @@ PAGES = {
                 st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:")],
 }
 
-if _shared.is_instructor():   # the Class view: jobs of every browser, cancel, the engine's nodes
+if _roles.is_instructor():   # the Class view: jobs of every browser, cancel, the engine's nodes
     PAGES["Lab"].append(st.Page("pages/class_view.py", title="Class", icon=":material/groups:"))
 page = st.navigation(PAGES)
-_shared.sidebar()
+_sidebar.sidebar()
 page.run()

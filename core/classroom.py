@@ -285,7 +285,7 @@ def _warm(lab, cfg: ExperimentConfig, data, teacher, store) -> None:
 
 def _clean_up(store: ResultStore, keys: set[str]) -> None:
     """Drop the check's own store, and the compressed models no result in the app's store refers to."""
-    main = ResultStore()
+    main = ResultStore.default()
     for key in keys:
         with key_lock(key):
             if main.get(key) is None:

@@ -119,7 +119,7 @@ def cached_result(cfg, teacher, data: DataBundle, store: ResultStore | None = No
     """The stored result for this request and teacher if it exists (no work, no lock): instant re-display."""
     from .runner import result_key
     cfg = cfg.validate()
-    store = store or ResultStore()
+    store = store or ResultStore.default()
     r = store.get(result_key(cfg, teacher, data))
     if r is None or not Path(r.model_path).exists():
         return None

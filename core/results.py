@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,24 @@ CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset, model, technique);
 
 
 class ResultStore:
+    """The runs table in one SQLite file. Each method opens its own connection, so one instance
+    serves every thread; `ResultStore.default()` is the one this process uses for the cache's file."""
+
+    _default: "ResultStore | None" = None
+    _default_key: Path | None = None
+    _default_lock = threading.Lock()
+
+    @classmethod
+    def default(cls) -> "ResultStore":
+        """This process's store for `<cache>/results.sqlite`, opened once (WAL pragma, schema script) and
+        reused; opened again only when the cache moves (`COMPRESSION_LAB_CACHE`) or the file is gone."""
+        path = settings.cache_dir() / "results.sqlite"
+        key = path.resolve()
+        with cls._default_lock:
+            if cls._default is None or cls._default_key != key or not path.exists():
+                cls._default, cls._default_key = cls(path), key
+            return cls._default
+
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else settings.cache_dir() / "results.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)

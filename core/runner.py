@@ -229,7 +229,7 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
     reloading them; the teacher is never modified. `where` (the job layer's engine and node) is recorded.
     """
     cfg = cfg.validate()
-    store = store or ResultStore()
+    store = store or ResultStore.default()
     spec = get_technique(cfg.technique)
     t0 = time.perf_counter()
     data = data or load_dataset(cfg.dataset, cfg.data_root)

@@ -1,4 +1,4 @@
-"""The app's pages (st.Page sources for app.py's st.navigation) and their helpers (_shared, _technique)."""
+"""The app's pages (st.Page sources for app.py's st.navigation) and their helpers (the _-prefixed modules)."""
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx

@@ -14,7 +14,7 @@ from core.results import results_frame
 from core.results import ExperimentResult
 from core.runner import ExperimentConfig, lane
 from core.techniques import get_technique
-from pages import _shared as sh
+from pages import _jobs, _resources, _selection, _widgets
 
 
 def teacher_reference(teacher) -> float | None:
@@ -26,17 +26,17 @@ def render(name: str) -> None:
     spec = get_technique(name)
     st.title(spec.title)
     st.caption(spec.summary)
-    data = sh.require_data()
-    teacher = sh.require_teacher(data)
+    data = _resources.require_data()
+    teacher = _resources.require_teacher(data)
     ss = st.session_state
 
     left, right = st.columns([1, 2], gap="large")
     with left:
         st.subheader("Settings")
-        params = sh.param_widgets(spec.params, name)
+        params = _widgets.param_widgets(spec.params, name)
         full = st.checkbox("Evaluate on the full test set (slower)", key=f"{name}.full",
-                           help=f"Otherwise the fixed subset chosen in the sidebar ({sh.eval_label(ss.eval_size)}).")
-    cfg = ExperimentConfig(dataset=sh.dataset_name(), model=ss.teacher_model, technique=name, params=params,
+                           help=f"Otherwise the fixed subset chosen in the sidebar ({_selection.eval_label(ss.eval_size)}).")
+    cfg = ExperimentConfig(dataset=_selection.dataset_name(), model=ss.teacher_model, technique=name, params=params,
                            eval_size=0 if full else int(ss.eval_size), device=ss.device)
     slow = spec.trains(params)
     with left:
@@ -49,7 +49,7 @@ def render(name: str) -> None:
 
     with right:
         try:
-            result = cached_result(cfg, teacher, data, sh.store())
+            result = cached_result(cfg, teacher, data, _resources.store())
         except LabError as exc:
             st.error(str(exc), icon=":material/warning:")
             return
@@ -67,7 +67,7 @@ def render(name: str) -> None:
             ss[f"{name}.last"] = result
             ss["last_result_key"] = result.key
             show_result(result, spec, teacher)
-    if result is not None or sh.store().count():
+    if result is not None or _resources.store().count():
         sweep(spec, data, name)
 
 
@@ -75,15 +75,15 @@ def _run(spec, cfg, teacher, data, start: bool):
     """This request's job, on the job layer: joined if any session already started it (a rerun, a
     classmate), started if asked; its result once done, else None."""
     payload = dataclasses.asdict(cfg.validate())
-    job = sh.lab().find("compress", payload)
+    job = _jobs.lab().find("compress", payload)
     if job is None and not start:
         return None
     if job is None:
-        job = sh.submit("compress", payload, label=f"{spec.title} {cfg.params} · {MODELS[cfg.model].title}",
+        job = _jobs.submit("compress", payload, label=f"{spec.title} {cfg.params} · {MODELS[cfg.model].title}",
                         lane=lane(cfg))
         if job is None:
             return None
-    out = sh.follow(job, f"Running {spec.title.lower()}…", reference=teacher_reference(teacher))
+    out = _jobs.follow(job, f"Running {spec.title.lower()}…", reference=teacher_reference(teacher))
     return None if out is None else ExperimentResult.from_dict(out)
 
 
@@ -93,7 +93,7 @@ def show_result(result, spec, teacher) -> None:
     st.caption(f"{result.label()} · {MODELS[result.model].title} on {result.dataset_label} · "
                f"{result.eval_images:,} test images · latency runtime {result.runtime} · {how}."
                + views.batch_plan_words((result.compressed.get("extra") or {}).get("batch_plan_b64")))
-    sh.metric_row(result.baseline, result.compressed)
+    _widgets.metric_row(result.baseline, result.compressed)
     for note in result.notes or []:
         st.warning(note, icon=":material/sticky_note_2:")
     elsewhere = views.timed_elsewhere_line(result.cpu, hardware.cpu_id())
@@ -121,11 +121,11 @@ def show_result(result, spec, teacher) -> None:
     if extra:
         with st.expander("Technique details"):
             st.json(extra, expanded=False)
-    sh.download_model(result, key=f"dl.{spec.name}.{result.key}")
+    _widgets.download_model(result, key=f"dl.{spec.name}.{result.key}")
 
 
 def sweep(spec, data, name: str) -> None:
-    frame = results_frame(sh.store().all(dataset=data.name, technique=name))
+    frame = results_frame(_resources.store().all(dataset=data.name, technique=name))
     if frame.empty:
         return
     frame = frame[frame["model"] == st.session_state.teacher_model]

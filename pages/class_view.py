@@ -3,11 +3,11 @@ import pandas as pd
 import streamlit as st
 
 from core import jobs
-from pages import _shared as sh
+from pages import _errors, _jobs, _roles
 
 st.title("Class")
-sh.require_instructor("cancel_others_jobs", stop=True)
-lab = sh.lab()
+_roles.require_instructor("cancel_others_jobs", stop=True)
+lab = _jobs.lab()
 status = lab.status()
 eng = status["engine"]
 where = "this machine (embedded Ray)" if eng["local"] else f"the Ray cluster at {eng['address']}"
@@ -35,7 +35,7 @@ else:
         pick = st.selectbox("Cancel a job", [j.id for j in active], key="class.cancel_pick",
                             format_func=lambda i: f"{lab.get(i).label} · {lab.get(i).state} · {lab.get(i).owners}")
         if st.button("Cancel it", key="class.cancel", icon=":material/cancel:") \
-                and sh.require_instructor("cancel_others_jobs"):
+                and _roles.require_instructor("cancel_others_jobs"):
             lab.cancel(pick, instructor=True)
             st.rerun()
 st.button("Refresh", icon=":material/refresh:", key="class.refresh")
@@ -46,7 +46,7 @@ st.caption("Attach this server to a Ray cluster to add CPUs or GPUs (docs/cluste
 addr = st.text_input("Ray cluster address (host:port)", key="class.address",
                      placeholder=eng["address"] if not eng["local"] else "e.g. 127.0.0.1:6379")
 if st.button("Attach", key="class.attach", icon=":material/hub:", disabled=not addr.strip()) \
-        and sh.require_instructor("attach_cluster"):
-    with sh.guarded("Not connected: "):
+        and _roles.require_instructor("attach_cluster"):
+    with _errors.guarded("Not connected: "):
         jobs.reattach(addr.strip())
         st.success(f"Attached to {addr.strip()}.", icon=":material/hub:")

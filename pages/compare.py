@@ -2,12 +2,12 @@ import streamlit as st
 
 from core import views
 from core.results import results_frame
-from pages import _shared as sh
+from pages import _errors, _resources, _roles, _widgets
 
 st.title("Compare")
 st.caption("Every run stored on this machine (all sessions, the CLI too). Click a column header to sort.")
 
-store = sh.store()
+store = _resources.store()
 frame = results_frame(store.all())
 if frame.empty:
     st.info("No runs yet: compress something first.", icon=":material/info:")
@@ -67,30 +67,30 @@ if len(view):
             "size_ratio": st.column_config.NumberColumn("× smaller", format="%.2f"),
             "latency_speedup_b1": st.column_config.NumberColumn("× faster", format="%.2f")})
 
-may_delete = sh.can("delete_runs")
+may_delete = _roles.can("delete_runs")
 st.subheader("Download or delete runs" if may_delete else "Download a run")
 labels = {r.key: f"{r.dataset} · {r.model} · {r.label()}" for r in store.all()}
 keys = [k for k in view["key"]]
-with sh.guarded():
+with _errors.guarded():
     pick = st.selectbox("Run", keys, format_func=lambda k: labels.get(k, k), key="cmp.pick")
     if pick:
         r = store.get(pick)
         if r is not None:
-            sh.download_model(r, key=f"cmp.dl.{pick}")
+            _widgets.download_model(r, key=f"cmp.dl.{pick}")
     if not may_delete:
         st.caption("Class mode: only the instructor deletes runs.")
         st.stop()
     d1, d2 = st.columns(2)
     doomed = d1.multiselect("Runs to delete", keys, format_func=lambda k: labels.get(k, k), key="cmp.doomed")
     if d1.button("Delete selected", disabled=not doomed, key="cmp.delete", icon=":material/delete:") \
-            and sh.require_instructor("delete_runs"):   # checked where it deletes, not only by hiding the button
+            and _roles.require_instructor("delete_runs"):   # checked where it deletes, not only by hiding the button
         for k in doomed:
             store.delete(k)
         st.session_state.pop("cmp.doomed", None)
         st.rerun()
     sure = d2.checkbox("Yes, delete every run", key="cmp.sure")
     if d2.button("Clear all runs", disabled=not sure, key="cmp.clear", icon=":material/delete_sweep:") \
-            and sh.require_instructor("delete_runs"):
+            and _roles.require_instructor("delete_runs"):
         store.clear()
         st.session_state.pop("cmp.sure", None)
         st.rerun()

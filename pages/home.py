@@ -5,7 +5,7 @@ import streamlit as st
 from core import hardware, views
 from core.models import MODELS
 from core.techniques import get_technique, technique_names
-from pages import _shared as sh
+from pages import _resources
 
 PAGE_OF = {"prune": "pages/pruning.py", "quantize": "pages/quantization.py", "distill": "pages/distillation.py"}
 
@@ -14,7 +14,7 @@ st.markdown("Make an image classifier **smaller and faster** and see what it cos
             "train (or load) a big *teacher*, then prune it, quantize it or distill it into a small student, "
             "and compare every run on the same test images.")
 
-data = sh.try_data()
+data = _resources.try_data()
 ss = st.session_state
 c1, c2, c3 = st.columns(3)
 with c1:
@@ -27,7 +27,7 @@ with c1:
     else:
         st.metric("Dataset", "unavailable", border=True)
 with c2:
-    cached = data is not None and sh.teacher_entry(data, ss.teacher_model) is not None
+    cached = data is not None and _resources.teacher_entry(data, ss.teacher_model) is not None
     st.metric("Teacher", MODELS[ss.teacher_model].title, "cached" if cached else "not trained yet",
               delta_color="green" if cached else "orange", delta_arrow="off", border=True)
     if not cached:

@@ -2,16 +2,16 @@ import streamlit as st
 
 from core import views
 from core.predict import grid_indices, prediction_frame
-from pages import _shared as sh
+from pages import _errors, _resources, _widgets
 
 st.title("Predictions")
 st.caption("Test images with their true label, the teacher's prediction and the compressed model's. "
            "Red border: the compressed model is wrong. Orange: it is right but disagrees with the teacher.")
-data = sh.require_data()
-teacher = sh.require_teacher(data)
-result = sh.pick_result(data, "pred.result")
+data = _resources.require_data()
+teacher = _resources.require_teacher(data)
+result = _widgets.pick_result(data, "pred.result")
 if result is None:
-    sh.no_runs_hint(data)
+    _widgets.no_runs_hint(data)
     st.stop()
 
 c1, c2, c3 = st.columns([2, 2, 1])
@@ -26,8 +26,8 @@ def _frame(result_key: str, teacher_sha: str, n: int, seed: int, _teacher, _comp
     return prediction_frame(_teacher, _compressed, _data, idx), _data.test_x[idx].numpy()
 
 
-with sh.guarded("Could not compute predictions: "):
-    compressed = sh.compressed_model(result.key, result)
+with _errors.guarded("Could not compute predictions: "):
+    compressed = _resources.compressed_model(result.key, result)
     frame, images = _frame(result.key, teacher.meta.get("sha256", ""), n, int(seed), teacher.model, compressed, data)
     m1, m2, m3 = st.columns(3)
     m1.metric("Teacher correct", f"{frame.teacher_correct.mean():.0%}", border=True)

@@ -7,11 +7,11 @@ from core.models import MODELS
 from core.runner import stored_baseline
 from core.teachers import TeacherSettings, find_teacher
 from core.training import recipe_for
-from pages import _shared as sh
+from pages import _errors, _jobs, _resources, _roles, _selection, _widgets
 
 ss = st.session_state
 st.title("Teacher")
-data = sh.require_data()
+data = _resources.require_data()
 model = ss.teacher_model
 title = MODELS[model].title
 st.caption(f"{title} ({MODELS[model].description}) on {data.label}. Every compression starts from the newest "
@@ -36,11 +36,11 @@ settings = TeacherSettings(model, dataclasses.replace(recipe, epochs=int(epochs)
                                                      lr=float(lr), batch_size=int(batch),
                                                      precision="bf16" if bf16 else "fp32"))
 est_key = (data.name, model, int(epochs), int(subset), int(batch), bool(bf16), ss.device)
-train_payload = {"dataset": sh.dataset_name(), "data_root": None, "model": model, "train": dataclasses.asdict(settings.train),
+train_payload = {"dataset": _selection.dataset_name(), "data_root": None, "model": model, "train": dataclasses.asdict(settings.train),
                  "pretrained": False, "device": ss.device, "measure": False}
 if st.button("Estimate the training time", icon=":material/timer:", key="teacher.estimate",
              help="Times a few training batches of these settings on this machine (a few seconds)."):
-    est = sh.follow(sh.lab().submit("estimate", dict(train_payload, measure=False), owner=sh.owner(),
+    est = _jobs.follow(_jobs.lab().submit("estimate", dict(train_payload, measure=False), owner=_jobs.owner(),
                                     label=f"estimate {title}"), "Timing a few training batches…", chart=False)
     if est is not None:
         ss.setdefault("teacher.estimates", {})[est_key] = est
@@ -48,27 +48,27 @@ if est := ss.get("teacher.estimates", {}).get(est_key):
     st.info(f"Estimated on this machine: **{est['text']}** ({est['seconds_per_epoch']:.0f} s per epoch, "
             f"{est['images_per_second']:.0f} images/s, {est['threads']} threads, {est['device']}).",
             icon=":material/timer:")
-if sh.can("train_teacher"):
+if _roles.can("train_teacher"):
     submitted = st.button("Train (or load if these settings are cached)", type="primary", key="teacher.train",
                           icon=":material/model_training:")
 else:
     submitted = False
     st.caption("Class mode: only the instructor trains teachers; every compression page uses the cached one.")
-if submitted and sh.require_instructor("train_teacher"):   # checked where it trains, not only by hiding the button
-    with sh.guarded("Training failed: "):
+if submitted and _roles.require_instructor("train_teacher"):   # checked where it trains, not only by hiding the button
+    with _errors.guarded("Training failed: "):
         if find_teacher(data, settings) is not None:
             st.success("A teacher with these settings is already cached: nothing to train. (The "
                        "compression pages use the newest cached teacher.)", icon=":material/check_circle:")
         else:
-            job = sh.submit("train", train_payload, label=f"train {title} on {data.name}")
+            job = _jobs.submit("train", train_payload, label=f"train {title} on {data.name}")
             if job is not None:
                 ss["teacher.training"] = job.id
 
 # training runs in a worker: this session follows it (again after a rerun or a visit to another page)
-training = sh.lab().get(ss.get("teacher.training", "")) or sh.lab().find("train", train_payload)
+training = _jobs.lab().get(ss.get("teacher.training", "")) or _jobs.lab().find("train", train_payload)
 if training is not None and (training.active or ss.get("teacher.training") == training.id):
     ss.pop("teacher.training", None)
-    out = sh.follow(training, f"Training {title} for {int(epochs)} epoch(s)…")
+    out = _jobs.follow(training, f"Training {title} for {int(epochs)} epoch(s)…")
     if out is not None:
         ss["teacher.trained"] = f"Trained {title} in {sum(h['seconds'] for h in out['history']):.0f} s on {training.node}."
         st.rerun()   # so the sidebar and every page see the new teacher
@@ -78,7 +78,7 @@ if msg := ss.pop("teacher.trained", None):
 if msg := ss.pop("teacher.deleted", None):
     st.success(msg, icon=":material/delete:")
 
-teacher = sh.current_teacher(data)
+teacher = _resources.current_teacher(data)
 if teacher is None:
     st.info(f"No {title} teacher is cached for {data.label} yet: choose the epochs and press **Train**.", icon=":material/info:")
     st.stop()
@@ -91,25 +91,25 @@ st.caption(f"trained {meta.get('created', '?')} on {meta.get('device', '?')} · 
            f"{meta.get('train_seconds', 0):.0f} s of training · file {teacher.path.name}")
 m = stored_baseline(meta, int(ss.eval_size))
 if m is None:   # measured once per teacher and evaluation size, in a worker
-    m = sh.follow(sh.lab().submit("baseline", {"dataset": sh.dataset_name(), "model": model,
-                                               "eval_size": int(ss.eval_size)}, owner=sh.owner(),
+    m = _jobs.follow(_jobs.lab().submit("baseline", {"dataset": _selection.dataset_name(), "model": model,
+                                               "eval_size": int(ss.eval_size)}, owner=_jobs.owner(),
                                   label=f"measure {title}"),
                   "Measuring accuracy, size and MACs (once per teacher)…", chart=False)
 if m is not None:
-    sh.teacher_metric_row(m)
+    _widgets.teacher_metric_row(m)
 hist = meta.get("history") or []
 if hist:
     st.altair_chart(views.history_chart(views.history_frame({"train": hist})), width="stretch")
     st.caption("Solid: validation accuracy (fixed test subset); dashed: training accuracy (with augmentation).")
 
-if sh.can("delete_teacher"):
+if _roles.can("delete_teacher"):
     with st.expander("Delete this teacher"):
         st.caption(f"Removes {teacher.path.name} and its sidecar from the cache; the compression pages then use the "
                    "next newest teacher of this dataset and architecture, if any. Stored runs stay.")
         sure = st.checkbox("Yes, delete this teacher", key="teacher.delete_sure")
         if st.button("Delete this teacher", disabled=not sure, key="teacher.delete", icon=":material/delete:") \
-                and sh.require_instructor("delete_teacher"):
-            with sh.guarded("Could not delete the teacher: "):
+                and _roles.require_instructor("delete_teacher"):
+            with _errors.guarded("Could not delete the teacher: "):
                 from core.teachers import delete_teacher_file
                 delete_teacher_file(teacher.path)
                 ss.pop("teacher.delete_sure", None)

@@ -281,12 +281,12 @@ def _gated_script():
     """Forged state straight into the glue: what a page's own check at the point of action sees."""
     import streamlit as st
 
-    from pages import _shared as sh
+    from pages import _roles, _selection
     st.session_state.update(instructor=True, dataset="folder", folder_path="/etc")
-    st.write(f"dataset: {sh.dataset_name()}")
-    if sh.require_instructor("delete_runs"):
+    st.write(f"dataset: {_selection.dataset_name()}")
+    if _roles.require_instructor("delete_runs"):
         st.success("deleted")
-    sh.require_instructor("train_teacher", stop=True)
+    _roles.require_instructor("train_teacher", stop=True)
     st.success("trained")
 
 
