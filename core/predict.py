@@ -117,14 +117,9 @@ def latest_teacher_entry(data: DataBundle, model: str) -> tuple[Path, dict] | No
 
 def cached_result(cfg, teacher, data: DataBundle, store: ResultStore | None = None) -> ExperimentResult | None:
     """The stored result for this request and teacher if it exists (no work, no lock): instant re-display."""
-    from .runner import result_key
+    from . import runner
     cfg = cfg.validate()
-    store = store or ResultStore.default()
-    r = store.get(result_key(cfg, teacher, data))
-    if r is None or not Path(r.model_path).exists():
-        return None
-    r.cached = True
-    return r
+    return runner.cached_result(store or ResultStore.default(), runner.result_key(cfg, teacher, data))
 
 
 def stored_onnx(result: ExperimentResult) -> bytes | None:

@@ -6,27 +6,25 @@ session - wait and then read the stored result instead of recomputing it.
 """
 from __future__ import annotations
 
-import json
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
-from . import cache, hardware, metrics, settings
+from . import cache, hardware, settings
 from .datasets import DEFAULT_DATASET, load_dataset
-from .errors import InvalidParameter, LabError
+from .errors import CorruptCacheEntry, InvalidParameter, LabError
+from .measure import baseline_metrics, deployed_twin, evaluate_output
 from .models import DEFAULT_TEACHER, get_spec
 from .progress import ProgressFn, emit
 from .results import ExperimentResult, ResultStore
+from .targets import DEFAULT_TARGET, get_target, require_target
 from .teachers import Teacher, TeacherSettings, get_teacher, latest_teacher
-from .techniques import Context, get_technique
-from .training import TrainConfig, predict_logits, recipe_for
+from .techniques import Context, TechniqueOutput, get_technique
+from .training import TrainConfig, recipe_for
 
 # 2: batch-1 latency timed on one thread (metrics.BATCH1_THREADS); results keyed 1 timed it on all
-RUNNER_VERSION = 2
+# 3: a real batch-1 p95 (single calls; 2 reported the slowest of 6 rounds), batch 64's slowest round as such
+RUNNER_VERSION = 3
 
 
 @dataclass
@@ -39,6 +37,7 @@ class ExperimentConfig:
     data_root: str | None = None
     device: str | None = None
     teacher_train: TrainConfig | None = None   # None: the newest cached teacher, else the default recipe
+    target: str = DEFAULT_TARGET     # where latency is timed (core.targets)
 
     def validate(self) -> "ExperimentConfig":
         """Check names and every parameter before any work; returns a normalised copy."""
@@ -51,8 +50,9 @@ class ExperimentConfig:
         from .datasets import is_dataset_name, dataset_names
         if not is_dataset_name(self.dataset):
             raise LabError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(dataset_names())}")
+        get_target(self.target)
         return ExperimentConfig(self.dataset, self.model, self.technique, spec.validate(self.params),
-                                self.eval_size, self.data_root, self.device, self.teacher_train)
+                                self.eval_size, self.data_root, self.device, self.teacher_train, self.target)
 
 
 def resolve_teacher(cfg: ExperimentConfig, progress: ProgressFn = None, data=None) -> Teacher:
@@ -68,7 +68,7 @@ def resolve_teacher(cfg: ExperimentConfig, progress: ProgressFn = None, data=Non
                        device=cfg.device, progress=progress)
 
 
-def result_key(cfg: ExperimentConfig, teacher: Teacher, data) -> str:
+def _request(cfg: ExperimentConfig, teacher: Teacher, data) -> dict:
     spec = get_technique(cfg.technique)
     request = {"dataset": data.fingerprint, "teacher": teacher.meta.get("sha256"),
                "technique": cfg.technique, "version": spec.version, "runner": RUNNER_VERSION,
@@ -76,148 +76,63 @@ def result_key(cfg: ExperimentConfig, teacher: Teacher, data) -> str:
     machine = spec.machine_params(cfg.params) if spec.machine_params else {}
     if machine:   # only then: every other key stays as it was
         request["machine"] = machine
-    return cache.stable_hash(request, 16)
+    if cfg.target != DEFAULT_TARGET:   # likewise: edge-cpu keys are the keys made before targets existed
+        request["target"] = cfg.target
+    return request
+
+
+def result_key(cfg: ExperimentConfig, teacher: Teacher, data) -> str:
+    """The result's key: the request, evaluation size and target included."""
+    return cache.stable_hash(_request(cfg, teacher, data), 16)
+
+
+def model_key(cfg: ExperimentConfig, teacher: Teacher, data) -> str:
+    """The compressed model's key: the request without what only changes its measurement (evaluation
+    size, target), so a fine-tuned or distilled model is trained once and measured again as asked."""
+    request = _request(cfg, teacher, data)
+    request.pop("eval_size")
+    request.pop("target", None)
+    return "m" + cache.stable_hash(request, 15)
 
 
 def compressed_path(key: str) -> Path:
     return settings.cache_dir() / "compressed" / f"{key}.pt"
 
 
-key_lock = cache.file_lock   # one computation per request key, across processes
+# what a technique's output says besides its model, kept in the compressed model's sidecar for reuse
+_OUTPUT_FIELDS = ("eval_device", "size_bytes", "gzip_bytes", "file_bytes", "macs", "params", "nonzero_params",
+                  "runtime", "time_deployed", "extra", "history", "notes")
 
 
-def _baseline_path(teacher_meta: dict, eval_size: int) -> Path:
-    return settings.cache_dir() / "baselines" / f"{teacher_meta.get('sha256', 'x')[:16]}-{eval_size}.json"
+def _output_meta(out: TechniqueOutput) -> dict:
+    return dict({f: getattr(out, f) for f in _OUTPUT_FIELDS}, input_dtype=str(out.input_dtype).replace("torch.", ""),
+                ort_baseline=out.baseline_model is not None)
 
 
-def stored_baseline(teacher_meta: dict, eval_size: int) -> dict | None:
-    """The teacher's measured metrics if already stored (a file read: the app's pages call it directly)."""
-    path = _baseline_path(teacher_meta, eval_size)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+def _reuse_output(spec, ctx: Context, path: Path) -> TechniqueOutput | None:
+    """The trained model stored under the model key, rebuilt for measuring again; None when absent or damaged."""
+    import torch
+    meta = cache.read_sidecar(path)
+    saved = (meta or {}).get("output")
+    if not saved:
         return None
-
-
-def baseline_metrics(teacher: Teacher, data, eval_size: int, progress: ProgressFn = None) -> dict:
-    """The teacher's metrics on this evaluation subset, computed once per teacher and subset."""
-    stored = stored_baseline(teacher.meta, eval_size)
-    if stored is not None:
-        return stored
-    path = _baseline_path(teacher.meta, eval_size)
-    emit(progress, stage="evaluate", kind="message", message="measuring the teacher (baseline)")
-    rep = metrics.report(teacher.model, data, eval_size, latency=False).to_dict()   # timed per run, side by side
-    cache.atomic_write_json(rep, path)
-    return rep
-
-
-def evaluate_output(out, data, eval_size: int, baseline_model=None) -> tuple[dict, dict]:
-    """Metrics of a technique's output, measured the same way as the baseline.
-
-    Latency is timed interleaved with the baseline model (A, B, A, B...) in this very run, so the
-    ratio is honest even on a busy machine; returns (compressed metrics, baseline latency fields).
-    """
-    x, y = data.eval_split(eval_size)
-    model = out.model
-    logits = _predict(model, data, x, out.eval_device, out.input_dtype)
-    base = out.baseline_model if out.baseline_model is not None else baseline_model
-    lat = {}
-    # 6 interleaved batch-1 rounds (each the mean of ~20 ms of warm calls) + 3 of batch 64: a
-    # stable median at a few seconds per slider step
-    for bs, rounds, key in ((1, 6, "b1"), (64, 3, "b64")):
-        xc = metrics.latency_input(bs).to(out.input_dtype)
-        if base is not None:
-            lb, lc, _ = metrics.compare_latency(base, model, bs, rounds=rounds, warmup=1 if bs > 1 else 3,
-                                                x_b=xc)
-            lat.update({f"latency_ms_{key}": lb.median_ms, f"latency_p95_ms_{key}": lb.p95_ms,
-                        "threads" if bs > 1 else "threads_b1": lb.threads})
-        else:
-            lc = metrics.measure_latency(model, bs, repeats=rounds, warmup=1 if bs > 1 else 3, x=xc)
-        if key == "b1":
-            l1 = lc
-        else:
-            l64 = lc
-    if out.file_bytes is not None and out.gzip_bytes is not None:   # measured by the technique
-        size = {"size_bytes": out.file_bytes, "gzip_bytes": out.gzip_bytes}
-    else:
-        raw = metrics.serialized_bytes(out.state)
-        size = {"size_bytes": len(raw),
-                "gzip_bytes": out.gzip_bytes if out.gzip_bytes is not None else metrics.gzip_size(raw)}
-    rep = metrics.ModelMetrics(
-        accuracy=metrics.accuracy(logits, y),
-        size_bytes=out.size_bytes if out.size_bytes is not None else size["size_bytes"],
-        gzip_bytes=size["gzip_bytes"],
-        params=out.params if out.params is not None else metrics.count_params(model),
-        nonzero_params=out.nonzero_params if out.nonzero_params is not None else metrics.count_nonzero_params(model),
-        macs=out.macs if out.macs is not None else metrics.count_macs(model),
-        latency_ms_b1=l1.median_ms, latency_p95_ms_b1=l1.p95_ms, latency_ms_b64=l64.median_ms,
-        latency_p95_ms_b64=l64.p95_ms, threads=l64.threads, threads_b1=l1.threads, latency_runtime=out.runtime,
-        eval_images=len(y), per_class_accuracy=metrics.per_class_accuracy(logits, y, data.num_classes),
-        extra=dict(out.extra, file_bytes=size["size_bytes"]))
-    plans = _batch_plans(l64.threads, baseline=base, compressed=model)
-    if plans:
-        rep.extra["batch_plan_b64"] = plans
-    if out.time_deployed and base is not None and out.runtime == "pytorch-eager":
-        rep.extra["deployed"] = deployed_latency(base, model)
-    if lat:
-        lat["latency_runtime"] = out.runtime
-    return rep.to_dict(), lat
-
-
-def _batch_plans(threads: int, **models) -> dict:
-    """How ONNX Runtime ran each model's batches of several images on `threads` threads (ort_session.BATCH_PLANS)."""
-    return {role: plan for role, m in models.items() if (plan := getattr(m, "plans", {}).get(threads))}
-
-
-_TWINS: dict = {}   # one entry: id(eager model) -> (weak reference to it, its ONNX Runtime twin)
-
-
-def _deployed_twin(model: nn.Module):
-    """The teacher's ONNX Runtime copy, kept for the next request: a slider moving through pruning
-    ratios exports and loads the same teacher each time otherwise (~0.6 s for ResNet-34)."""
-    from .techniques import onnx_export, ort_session
-    hit = _TWINS.get(id(model))
-    if hit is not None and hit[0]() is model:
-        return hit[1]
-    twin = ort_session.OrtModule(onnx_export.export_onnx(model), "fp32")
-    _TWINS.clear()   # one at a time: a session holds a copy of the weights
-    _TWINS[id(model)] = (weakref.ref(model), twin)
-    return twin
-
-
-def deployed_latency(base: nn.Module, model: nn.Module) -> dict:
-    """Both models exported to ONNX and timed interleaved in ONNX Runtime fp32, as a deployment runs them.
-
-    ONNX Runtime fuses batch norm, ReLU and residual adds into the convolutions; eager PyTorch runs
-    each as its own pass over the activations, and those passes shrink only linearly with the
-    channels while convolutions shrink quadratically: a ResNet-34 pruned at 0.5 (3.9x fewer MACs)
-    ran 2.4x faster at batch 64 in eager PyTorch and 3.9x in ONNX Runtime (docs/bench_pruning.md).
-    """
-    from .techniques import onnx_export, ort_session
     try:
-        a, b = _deployed_twin(base), ort_session.OrtModule(onnx_export.export_onnx(model), "fp32")
-    except Exception as exc:   # an architecture the exporter rejects: the eager numbers still stand
-        return {"runtime": ort_session.RUNTIME, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
-    out = {"runtime": ort_session.RUNTIME}
-    for bs, rounds, key in ((1, 6, "b1"), (64, 3, "b64")):
-        la, lb, speedup = metrics.compare_latency(a, b, bs, rounds=rounds, warmup=1 if bs > 1 else 3)
-        out.update({f"baseline_ms_{key}": la.median_ms, f"compressed_ms_{key}": lb.median_ms,
-                    f"speedup_{key}": speedup})
-        if bs > 1:
-            out["batch_plan_b64"] = _batch_plans(la.threads, baseline=a, compressed=b)
+        state = cache.load_state(path, meta)
+        model = spec.load(state, ctx)
+    except (CorruptCacheEntry, LabError):
+        return None
+    fields = {f: saved[f] for f in _OUTPUT_FIELDS if f in saved}
+    out = TechniqueOutput(model=model, state=state, input_dtype=getattr(torch, saved.get("input_dtype", "float32")),
+                          **fields)
+    if saved.get("ort_baseline"):   # int8 is timed beside the teacher's ONNX Runtime twin, as when it was made
+        out.baseline_model = deployed_twin(ctx.teacher.model)
+    if spec.refresh:
+        out = spec.refresh(out, ctx)
+    out.notes = list(out.notes) + ["the trained model was served from the cache and measured again"]
     return out
 
 
-def _predict(model, data, x, device, dtype):
-    model = model.to(device) if device != "cpu" else model
-    if dtype == torch.float32:
-        return predict_logits(model, data, x, device)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(x), 256):
-            xb = data.normalize(x[i:i + 256].to(device)).to(dtype).contiguous(memory_format=torch.channels_last)
-            out.append(model(xb).float().cpu())
-    return torch.cat(out)
+key_lock = cache.file_lock   # one computation per request key, across processes
 
 
 def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
@@ -235,11 +150,12 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
     data = data or load_dataset(cfg.dataset, cfg.data_root)
     teacher = teacher or resolve_teacher(cfg, progress, data)
     key = result_key(cfg, teacher, data)
-    hit = _cached_result(store, key)
+    hit = cached_result(store, key)
     if hit is not None:
         return hit
+    require_target(cfg.target)   # a result made elsewhere may be shown; a new one needs the hardware
     with key_lock(key):
-        hit = _cached_result(store, key)   # another process may have finished it while we waited
+        hit = cached_result(store, key)   # another process may have finished it while we waited
         if hit is not None:
             return hit
         timings = {"teacher_s": time.perf_counter() - t0}
@@ -250,26 +166,33 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
         baseline = baseline_metrics(teacher, data, cfg.eval_size, progress)
         timings["baseline_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        emit(progress, stage=cfg.technique, kind="message", message=f"applying {spec.title}")
-        out = spec.apply(ctx)
+        path = compressed_path(model_key(cfg, teacher, data))
+        trains = spec.trains(cfg.params)
+        with key_lock(path.stem):   # one training per model key, whatever the evaluation size
+            out = _reuse_output(spec, ctx, path) if trains else None
+            if out is None:
+                emit(progress, stage=cfg.technique, kind="message", message=f"applying {spec.title}")
+                out = spec.apply(ctx)
+                # saved before measuring: a run that fails while measuring keeps its training
+                cache.save_entry(path, out.state, {"kind": "compressed", "key": path.stem, "technique": cfg.technique,
+                                                   "params": cfg.params, "dataset": data.name, "model": cfg.model,
+                                                   "teacher_path": str(teacher.path),
+                                                   "teacher_sha256": teacher.meta.get("sha256"),
+                                                   "output": _output_meta(out) if trains else None})
         timings["apply_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         emit(progress, stage="evaluate", kind="message", message="measuring the compressed model")
-        compressed, baseline_latency = evaluate_output(out, data, cfg.eval_size, teacher.model)
+        compressed, baseline_latency = evaluate_output(out, data, cfg.eval_size, teacher.model, cfg.target)
         # the baseline's latency comes from this run, side by side with the compressed model
         baseline = dict(baseline, **baseline_latency)
         timings["evaluate_s"] = time.perf_counter() - t1
-        path = compressed_path(key)
-        cache.save_entry(path, out.state, {"kind": "compressed", "key": key, "technique": cfg.technique,
-                                           "params": cfg.params, "dataset": data.name, "model": cfg.model,
-                                           "teacher_path": str(teacher.path),
-                                           "teacher_sha256": teacher.meta.get("sha256")})
         result = ExperimentResult(
             key=key, dataset=data.name, dataset_label=data.label, model=cfg.model, technique=cfg.technique,
             params=cfg.params, baseline=baseline, compressed=compressed, eval_images=compressed["eval_images"],
             seconds=time.perf_counter() - t0, timings=timings, history=out.history, scratch=out.scratch,
             scratch_history=out.scratch_history, model_path=str(path), teacher_path=str(teacher.path),
-            runtime=out.runtime, notes=out.notes, cpu=hardware.cpu_id(), engine=dict(where or {}))
+            runtime=out.runtime, notes=out.notes, cpu=hardware.cpu_id(), engine=dict(where or {}),
+            target=cfg.target)
         store.add(result)
         emit(progress, stage=cfg.technique, kind="done")
         return result
@@ -289,6 +212,7 @@ def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner:
     from .engine import check_reachable
     from .predict import latest_teacher_entry
     cfg = cfg.validate()
+    require_target(cfg.target)   # absent hardware: one line before any worker starts
     check_reachable(address)
     data = load_dataset(cfg.dataset, cfg.data_root)   # missing data fails here, before any worker starts
     untrained = latest_teacher_entry(data, cfg.model) is None   # the worker trains the teacher first
@@ -297,7 +221,8 @@ def submit_experiment(cfg: ExperimentConfig, progress: ProgressFn = None, owner:
     return ExperimentResult.from_dict(out)
 
 
-def _cached_result(store: ResultStore, key: str) -> ExperimentResult | None:
+def cached_result(store: ResultStore, key: str) -> ExperimentResult | None:
+    """The stored result under `key` whose compressed model still exists, marked cached; else None."""
     r = store.get(key)
     if r is None or not Path(r.model_path).exists():
         return None

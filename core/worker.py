@@ -95,12 +95,13 @@ def train_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
 
 @kind("baseline")
 def baseline_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
-    from .runner import baseline_metrics
+    from .measure import baseline_metrics
     data = warm.data(payload["dataset"], payload.get("data_root"))
     teacher = warm.teacher(data, payload["model"])
     if teacher is None:
         raise LabError(f"no cached {payload['model']} teacher for {data.label}; train one first")
-    return baseline_metrics(teacher, data, int(payload.get("eval_size", 1000)), progress)
+    return baseline_metrics(teacher, data, int(payload.get("eval_size", 1000)), progress,
+                            latency=bool(payload.get("latency", True)), target=payload.get("target") or "edge-cpu")
 
 
 @kind("estimate")

@@ -4,7 +4,7 @@ import streamlit as st
 
 from core import views
 from core.models import MODELS
-from core.runner import stored_baseline
+from core.measure import has_latency, stored_baseline
 from core.teachers import TeacherSettings, find_teacher
 from core.training import recipe_for
 from pages import _errors, _jobs, _resources, _roles, _selection, _widgets
@@ -90,11 +90,11 @@ st.caption(f"trained {meta.get('created', '?')} on {meta.get('device', '?')} · 
            f"{'all' if not tr.get('subset') else tr.get('subset')} training images · {tr.get('precision', 'fp32')} · "
            f"{meta.get('train_seconds', 0):.0f} s of training · file {teacher.path.name}")
 m = stored_baseline(meta, int(ss.eval_size))
-if m is None:   # measured once per teacher and evaluation size, in a worker
+if not has_latency(m):   # measured once per teacher and evaluation size, latency included, in a worker
     m = _jobs.follow(_jobs.lab().submit("baseline", {"dataset": _selection.dataset_name(), "model": model,
                                                "eval_size": int(ss.eval_size)}, owner=_jobs.owner(),
                                   label=f"measure {title}"),
-                  "Measuring accuracy, size and MACs (once per teacher)…", chart=False)
+                  "Measuring accuracy, size, MACs and latency (once per teacher)…", chart=False)
 if m is not None:
     _widgets.teacher_metric_row(m)
 hist = meta.get("history") or []

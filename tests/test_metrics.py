@@ -64,9 +64,19 @@ def test_gzip_of_a_multi_chunk_file_is_a_real_gzip_file(monkeypatch):
 
 
 def test_latency_reports_median_p95_and_threads():
-    lat = metrics.measure_latency(Tiny(), batch_size=4, repeats=7, threads=1)
-    assert lat.threads == 1 and lat.runs == 7 and len(lat.times_ms) == 7
-    assert 0 < lat.median_ms <= lat.p95_ms <= max(lat.times_ms)
+    lat = metrics.measure_latency(Tiny(), batch_size=4, repeats=25, threads=1)
+    assert lat.threads == 1 and lat.runs == 25 and len(lat.times_ms) == 25
+    assert 0 < lat.median_ms <= lat.p95_ms <= lat.max_ms == max(lat.times_ms)
+    assert lat.p95_ms == sorted(lat.times_ms)[23]          # nearest rank: the 24th of 25
+
+
+def test_a_handful_of_rounds_reports_its_slowest_not_a_p95():
+    # 6 rounds cannot give a 95th percentile: the slowest is reported under its own name
+    lat = metrics.measure_latency(Tiny(), batch_size=4, repeats=6, threads=1)
+    assert lat.p95_ms is None and lat.max_ms == max(lat.times_ms)
+    a, b, _ = metrics.compare_latency(Tiny(), Tiny(), batch_size=4, rounds=3, threads=1)
+    assert a.p95_ms is None and b.p95_ms is None and a.max_ms == max(a.times_ms)
+    assert metrics.tail_p95(Tiny(), metrics.latency_input(1), threads=1) > 0   # 30 single calls: a real one
 
 
 def test_batch1_is_timed_on_one_thread_and_batch64_on_all():

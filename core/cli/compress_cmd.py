@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..runner import ExperimentConfig, submit_experiment
-from ..techniques import get_technique
+from ..targets import DEFAULT_TARGET, TARGETS
+from ..techniques import get_technique, technique_names
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
 
 
@@ -26,10 +27,12 @@ def register(sub):
             g.add_argument(f"--{spec.name.replace('_', '-')}", help=f"{spec.help} (default {spec.default}{shared})".replace("%", "%%"),
                            **_arg_options(spec))
     p.add_argument("--eval-size", type=int_range(0), default=1000, help="test images (0 = the full test set)")
+    p.add_argument("--target", choices=list(TARGETS), default=DEFAULT_TARGET,
+                   help="where latency is timed: " + "; ".join(f"{t.name}: {t.description}" for t in TARGETS.values()))
     p.set_defaults(handler=run)
 
 
-TECHNIQUES = ["prune", "quantize", "distill"]
+TECHNIQUES = technique_names()   # the registry's order
 
 
 def _arg_options(spec) -> dict:
@@ -64,7 +67,7 @@ def params_from_args(args) -> dict:
 def run(args) -> int:
     cfg = ExperimentConfig(dataset=args.dataset, model=args.model, technique=args.technique,
                            params=params_from_args(args), eval_size=args.eval_size,
-                           data_root=args.data_root, device=args.device).validate()
+                           data_root=args.data_root, device=args.device, target=args.target).validate()
     result = submit_experiment(cfg, progress=progress_for(args), address=args.ray_address)
     if args.json:
         print_json(result.summary())

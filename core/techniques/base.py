@@ -123,6 +123,9 @@ class TechniqueSpec:
     # the parameters whose "auto" this machine decides, resolved: part of the cache key, so another CPU
     # computes its own result instead of being served one made for different hardware
     machine_params: Optional[Callable[[dict], dict]] = None
+    # a stored trained model measured on another evaluation size: redo what depends on it (distillation's
+    # from-scratch twin is measured on the same images)
+    refresh: Optional[Callable[["TechniqueOutput", Context], "TechniqueOutput"]] = None
 
     def validate(self, params: dict | None) -> dict:
         params = dict(params or {})

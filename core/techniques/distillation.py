@@ -154,7 +154,7 @@ def scratch_path(data, student: str, cfg: TrainConfig) -> Path:
 
 def _scratch_metrics(model: nn.Module, state: dict, data, eval_size: int) -> dict:
     # measured exactly as the runner measures every compressed model, so the columns compare
-    from ..runner import evaluate_output
+    from ..measure import evaluate_output
     return evaluate_output(TechniqueOutput(model=model, state=state), data, eval_size)[0]
 
 
@@ -247,6 +247,15 @@ def _load(state: dict, ctx: Context) -> nn.Module:
     return load_student(state, ctx)
 
 
+def refresh(out: TechniqueOutput, ctx: Context) -> TechniqueOutput:
+    """A stored distilled student measured on another evaluation size: its twin is measured there too."""
+    p = ctx.params
+    _, out.scratch, out.scratch_history, _ = scratch_student(
+        ctx.data, p["student"], _train_config(p, device=ctx.device), eval_size=ctx.eval_size, device=ctx.device,
+        progress=ctx.progress)
+    return out
+
+
 SPEC = register(TechniqueSpec(
     name="distill",
     title="Knowledge distillation",
@@ -268,5 +277,6 @@ SPEC = register(TechniqueSpec(
     ],
     apply=apply,
     load=_load,
+    refresh=refresh,
     version=3,   # 2: KD student inputs no longer augmented; 3: students train in bf16 where supported
 ))
