@@ -26,6 +26,12 @@ class ModelSpec:
     build: Callable[[int], nn.Module]
     torchvision_name: str | None = None
     description: str = ""
+    # what the lab knows about this architecture (measurements in docs/teachers.md, docs/bench_quantization.md)
+    study: bool = False                  # one of the seed study's four teachers (prepare and sweep's default)
+    large_set_batch: bool = False        # trains at batch 256, peak lr 0.2 on large sets (training.LARGE_SET)
+    grad_clip: float | None = None       # gradient-norm clipping in the default recipe
+    int8_calibration: str = "minmax"     # int8 "auto" calibration
+    int8_fp32_layers: tuple = ("classifier",)   # int8 "auto" layers kept in fp32: candidates in order
 
 
 def _tv(name: str, head: Callable[[nn.Module, int], None], **options):
@@ -108,15 +114,19 @@ class ResNetSmall(nn.Module):
 # last batch norm starts at 0). Measured on Shapes v2, ResNet-34, 5 epochs: 60.4% -> 74.7%.
 MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("resnet34", "ResNet-34", "teacher", _tv("resnet34", _fc_head, zero_init_residual=True), "resnet34",
-              "torchvision ResNet-34, 10-class head"),
+              "torchvision ResNet-34, 10-class head", study=True, large_set_batch=True),
     ModelSpec("resnet50", "ResNet-50", "teacher", _tv("resnet50", _fc_head, zero_init_residual=True), "resnet50",
-              "torchvision ResNet-50, 10-class head"),
+              "torchvision ResNet-50, 10-class head", study=True, large_set_batch=True),
+    # concatenated features carry rare large activations: percentile calibration, and the layers whose errors
+    # every later one reads (stem and classifier, then the 1x1 and 2x2 maps) kept in fp32 until int8 agrees
     ModelSpec("densenet121", "DenseNet-121", "teacher", _tv("densenet121", _classifier_head), "densenet121",
-              "torchvision DenseNet-121, 10-class head"),
+              "torchvision DenseNet-121, 10-class head", study=True, int8_calibration="p99.9",
+              int8_fp32_layers=("edges", "edges+1x1", "edges+2x2+pooled")),
+    # no residual paths and 4096-wide linear layers: went to NaN in the first epoch without clipping
     ModelSpec("vgg16", "VGG16", "teacher", _tv("vgg16", _vgg_head), "vgg16",
-              "torchvision VGG16 without batch norm (as in the seed study; slow to train from scratch)"),
+              "torchvision VGG16 without batch norm (as in the seed study; slow to train from scratch)", grad_clip=2.0),
     ModelSpec("vgg16_bn", "VGG16-BN", "teacher", _tv("vgg16_bn", _vgg_head), "vgg16_bn",
-              "torchvision VGG16 with batch norm (trains from scratch reliably)"),
+              "torchvision VGG16 with batch norm (trains from scratch reliably)", study=True, grad_clip=2.0),
     ModelSpec("cnn_small", "Small CNN", "student", lambda n: SmallCNN(n),
               description="3 conv blocks + linear head, ~0.1M parameters (the seed's student)"),
     ModelSpec("resnet8", "ResNet-8", "student", lambda n: ResNetSmall(n),
@@ -129,7 +139,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
 TEACHERS = [n for n, s in MODELS.items() if s.role == "teacher"]
 STUDENTS = [n for n, s in MODELS.items() if s.role == "student"]
 # The seed study's four teachers (VGG16 with batch norm: see docs/teachers.md for why).
-STUDY_TEACHERS = ["densenet121", "resnet50", "resnet34", "vgg16_bn"]
+STUDY_TEACHERS = [n for n, s in MODELS.items() if s.study]
 DEFAULT_TEACHER = "resnet34"
 DEFAULT_STUDENT = "resnet8"
 

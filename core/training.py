@@ -106,8 +106,7 @@ def default_epochs(n_train: int, batch_size: int) -> int:
 # measured to pay: VGG16-BN kept 5 epochs with half the steps and fell to 74.32% (from 79.32%);
 # DenseNet-121 was not trained at 256. Smaller sets keep batch 128: they are short of steps.
 LARGE_SET = 20_000
-LARGE_SET_BATCH, LARGE_SET_LR = 256, 0.2
-LARGE_SET_MODELS = ("resnet34", "resnet50")
+LARGE_SET_BATCH, LARGE_SET_LR = 256, 0.2   # for the models whose spec has large_set_batch
 
 
 def recipe_for(data: DataBundle, model: str | None = None, device: str | None = None) -> TrainConfig:
@@ -122,16 +121,18 @@ def recipe_for(data: DataBundle, model: str | None = None, device: str | None = 
     bfloat16 autocast where the hardware runs it natively: on this project's 2-core AVX-512 BF16 CPU
     a ResNet-34 step is 1.36x faster, a whole CIFAR-10 epoch 1.25x (VGG16-BN step 1.6x); docs/teachers.md.
     """
+    from .models import MODELS
     from .settings import default_device
+    spec = MODELS.get(model) if model else None
     if getattr(data, "generated", False):
         cfg = TrainConfig(epochs=5, batch_size=64, lr=0.1)
     else:
         cfg = TrainConfig(epochs=default_epochs(len(data.train_y), TrainConfig.batch_size))
-        if len(data.train_y) >= LARGE_SET and model in LARGE_SET_MODELS:
+        if len(data.train_y) >= LARGE_SET and spec is not None and spec.large_set_batch:
             cfg = dataclasses.replace(cfg, batch_size=LARGE_SET_BATCH, lr=LARGE_SET_LR)
     cfg = dataclasses.replace(cfg, precision=training_precision(device or default_device()))
-    if model and model.startswith("vgg"):
-        cfg = dataclasses.replace(cfg, grad_clip=2.0)
+    if spec is not None and spec.grad_clip:
+        cfg = dataclasses.replace(cfg, grad_clip=spec.grad_clip)
     return cfg
 
 

@@ -4,6 +4,7 @@ The 1-epoch teachers are near chance level with large, nearly tied logits, so fi
 checked on the logits (relative error vs the fp32 teacher), not only on the arg-max.
 """
 import copy
+import dataclasses
 import io
 import math
 import time
@@ -13,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core import models
 from core.errors import InvalidParameter, LabError
 from core.predict import stored_onnx
 from core.results import ResultStore
@@ -330,7 +332,8 @@ def test_fp32_layer_rules_pick_the_stem_classifier_and_1x1_maps(make_teacher):
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
 def test_auto_fp32_layers_falls_back_when_int8_disagrees(r34, shapes, spec, monkeypatch, threshold):
-    monkeypatch.setitem(quantization.AUTO_FP32_LAYERS, "resnet34", ("none", "classifier"))
+    monkeypatch.setitem(models.MODELS, "resnet34",
+                        dataclasses.replace(models.MODELS["resnet34"], int8_fp32_layers=("none", "classifier")))
     monkeypatch.setattr(quantization, "AUTO_MIN_AGREEMENT", threshold)
     events = []
     out = _apply(spec, r34, shapes, {"mode": "int8", "calibration_images": 32}, progress=events.append)

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import metrics
 from ..errors import LabError
-from ..models import build_model
+from ..models import build_model, get_spec
 from ..progress import emit
 from ..training import bf16_training_supported, evaluate_accuracy
 from . import bn_correction, equalize, onnx_export, onnx_graph, ort_session, qat, quant_fake, quant_ort
@@ -88,23 +88,10 @@ PARAMS = [
                    "which saturate with 8-bit weights and cannot with 7; auto: 7bit on such a CPU, 8bit "
                    "elsewhere (measured, docs/bench_quantization.md)"),
 ]
-# "auto" per architecture (accuracy drop in points, full test set). Shapes teachers of 2026-11-28: DenseNet-121
-# min/max 13.8, p99.9 1.8, p99.5 0.65; ResNet-50 min/max 0.55, p99.9 0.75, p99.5 3.75; ResNet-34 0.0 / 0.1 /
-# 0.9. DenseNet's concatenated features carry rare large activations. DenseNet-121 since, p99.9 against
-# p99.5: a CIFAR-10 teacher of 2026-11-28 1.64 / 1.98; teachers of 2026-11-29 (Intel Xeon), equalized, edges+1x1 fp32:
-# CIFAR-10 0.20 / 0.98, Shapes (1,000 images) 8.5 / 13.3 (docs/bench_quantization.md, 2026-11-29).
-AUTO_CALIBRATION = {"densenet121": "p99.9"}
-# "auto" fp32 layers: the candidates in order; the first whose int8 model agrees with fp32 on at least
-# AUTO_MIN_AGREEMENT of the calibration images is kept, else the one that agrees most (after quantization-
-# aware fine-tuning the Shapes DenseNet-121 agreed 0.81 with edges, 0.71 with edges+1x1). On 2026-11-29 (CIFAR-10 teachers, int8 drop
-# in points, batch-1 speed-up): ResNet-34 none 0.10 (3.62x) / classifier 0.04 (3.46x) / edges -0.14 (3.18x);
-# ResNet-50 0.18 (2.71x) / 0.18 (2.78x) / 0.10 (2.59x): the logits layer is free, the stem costs 5-15%.
-# DenseNet-121 since its batch norms run as int8 convolutions (commit fd68fd5): CIFAR-10 edges 0.16 (1.73x,
-# agreement 0.95) / edges+1x1 0.08 (1.59x, 0.97); the fragile Shapes teacher edges 22.9 (agreement 0.60) /
-# edges+1x1 7.6 (0.79): its denseblock4 (1x1 maps at 32x32) carries rare huge activations. Later (commit 03fc320): the
-# rest of its loss is in denseblock3 (2x2 maps) and the transitions, whose errors every later layer reads:
-# edges+2x2+pooled -0.15 (agreement 0.93) at 1.3x instead of 1.6x.
-AUTO_FP32_LAYERS = {"densenet121": ("edges", "edges+1x1", "edges+2x2+pooled")}
+# "auto" calibration and fp32 layers are per architecture, on its ModelSpec (int8_calibration,
+# int8_fp32_layers; measured in docs/bench_quantization.md). Of the fp32-layer candidates, the first whose int8
+# model agrees with fp32 on at least AUTO_MIN_AGREEMENT of the calibration images is kept, else the one that
+# agrees most.
 AUTO_MIN_AGREEMENT = 0.9
 # Shown with every int8 result made on a CPU without VNNI (2026-12-06, AVX2 AMD EPYC, Shapes ResNet-34:
 # batch 1 1.55x faster than fp32, against 3.2x on the AVX-512 VNNI Intel Xeon on 2026-11-29)
@@ -289,7 +276,7 @@ def _int8_source(ctx: Context, p: dict, model: nn.Module, images: torch.Tensor, 
 def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, images: torch.Tensor,
                                   reference: nn.Module, calibration: tuple, extra: dict, notes: list):
     """(int8 bytes, its module, its calibration agreement with `reference`) for the first fp32-layer
-    candidate that agrees well enough (AUTO_FP32_LAYERS), else the most faithful one tried."""
+    candidate that agrees well enough (ModelSpec.int8_fp32_layers), else the most faithful one tried."""
     method, pct = calibration
     candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
     weights = extra["weight_range"] = resolve_weight_range(p["weight_range"])
@@ -322,13 +309,13 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
 
 def resolve_calibration(choice: str, arch: str) -> str:
     """The calibration an int8 run uses: the choice, or for "auto" the one measured best for `arch`."""
-    return AUTO_CALIBRATION.get(arch, "minmax") if choice == "auto" else choice
+    return get_spec(arch).int8_calibration if choice == "auto" else choice
 
 
 def resolve_fp32_layers(choice: str, arch: str) -> tuple[str, ...]:
     """The int8 layers kept in fp32 to try, in order: the choice, or for "auto" those measured best for
-    `arch` (see AUTO_FP32_LAYERS)."""
-    return AUTO_FP32_LAYERS.get(arch, ("classifier",)) if choice == "auto" else (choice,)
+    `arch` (its ModelSpec's int8_fp32_layers)."""
+    return tuple(get_spec(arch).int8_fp32_layers) if choice == "auto" else (choice,)
 
 
 def resolve_weight_range(choice: str) -> str:
