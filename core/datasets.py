@@ -2,10 +2,18 @@
 
 Names: "shapes" (generated offline default), "cifar10", "svhn" (torchvision, real download code),
 and "folder:<path>" (any image folder, `<path>/train/<class>/*`, optional `<path>/test/<class>/*`).
+
+A folder's augmentation is a property of the folder, in `<path>/lab.json` (FOLDER_SETTINGS):
+`{"flip": true}` turns random horizontal flips on. Without the file (or the key) a folder trains
+without flips: a mirrored digit, letter or sign is a different (or no) class, while natural photos
+only lose a little accuracy without flips; guessing from the images cannot tell the two apart. The
+setting is part of the folder's fingerprint, so changing it trains (and caches) a new teacher.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -74,7 +82,7 @@ class DataBundle:
     def summary(self) -> dict:
         return {"name": self.name, "label": self.label, "classes": self.classes,
                 "train": int(len(self.train_y)), "test": int(len(self.test_y)),
-                "generated": self.generated, "source": self.source}
+                "generated": self.generated, "source": self.source, "flip": self.flip}
 
 
 def _channel_stats(flat: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -210,6 +218,73 @@ def dataset_names() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- folder datasets
+FOLDER_SETTINGS = "lab.json"                 # a folder dataset's own settings, in its root
+FOLDER_DEFAULTS = {"flip": False}            # no horizontal flips unless the folder asks for them
+FLIP_SUFFIX = "-flip"
+
+
+def folder_settings(root: str | os.PathLike) -> dict:
+    """The folder's settings: FOLDER_DEFAULTS updated from `<root>/lab.json` when it exists.
+
+    A damaged or misspelt file is an error (a typo must not silently train mirrored digits)."""
+    path = Path(root).expanduser() / FOLDER_SETTINGS
+    out = dict(FOLDER_DEFAULTS)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        raise LabError(f"cannot read {path}: {exc}") from None
+    try:
+        given = json.loads(text)
+    except ValueError as exc:
+        raise LabError(f"{path} is not valid JSON ({exc}); write e.g. {{\"flip\": true}}") from None
+    if not isinstance(given, dict):
+        raise LabError(f"{path} must hold a JSON object such as {{\"flip\": true}}")
+    unknown = sorted(set(given) - set(FOLDER_DEFAULTS))
+    if unknown:
+        raise LabError(f"{path}: unknown setting {', '.join(map(repr, unknown))}; "
+                       f"known: {', '.join(FOLDER_DEFAULTS)}")
+    if "flip" in given and not isinstance(given["flip"], bool):
+        raise LabError(f"{path}: \"flip\" must be true or false, not {given['flip']!r}")
+    out.update(given)
+    return out
+
+
+def write_folder_settings(root: str | os.PathLike, **changes) -> dict:
+    """Change a folder's settings (the app's switch): rewrites `<root>/lab.json`; returns the settings."""
+    from .cache import atomic_write_json
+    root = Path(root).expanduser()
+    unknown = sorted(set(changes) - set(FOLDER_DEFAULTS))
+    if unknown:
+        raise LabError(f"unknown folder setting {', '.join(map(repr, unknown))}; known: {', '.join(FOLDER_DEFAULTS)}")
+    current = folder_settings(root)
+    current.update(changes)
+    try:
+        atomic_write_json(current, root / FOLDER_SETTINGS)
+    except OSError as exc:
+        raise LabError(f"cannot write {root / FOLDER_SETTINGS}: {exc}") from None
+    return current
+
+
+def _folder_fingerprint(content: str, flip: bool) -> str:
+    # the default (no flips) keeps the fingerprint's old form; teachers cached before the setting
+    # existed were trained with flips, and teachers.find_teacher tells them apart by their sidecar
+    return f"folder-{content}" + (FLIP_SUFFIX if flip else "")
+
+
+def with_folder_settings(data: DataBundle) -> DataBundle:
+    """A folder dataset as its lab.json says now (another flip setting: another fingerprint, so
+    another teacher); other datasets unchanged. Cheap: the images are shared, not reloaded."""
+    if not data.name.startswith("folder:"):
+        return data
+    flip = bool(folder_settings(data.name[len("folder:"):])["flip"])
+    if flip == data.flip:
+        return data
+    content = data.fingerprint.removeprefix("folder-").removesuffix(FLIP_SUFFIX)
+    return dataclasses.replace(data, flip=flip, fingerprint=_folder_fingerprint(content, flip))
+
+
 def _image_files(folder: Path) -> list[str]:
     # sorted by name = the order of sorted Paths in one folder (the fingerprint depends on it); scandir
     # and plain strings list a 5,000-image class folder ~10x faster than Path.iterdir/is_file/sort
@@ -241,6 +316,7 @@ def _folder(path_text: str) -> DataBundle:
     train = root / "train"
     if not train.is_dir():
         raise LabError(f"folder dataset {root} has no train/ folder; expected {root}/train/<class>/<image>")
+    flip = bool(folder_settings(root)["flip"])   # read first: a bad lab.json fails before any decoding
     classes = [d.name for d in _class_dirs(train)]
     if len(classes) < 2:
         raise LabError(f"folder dataset {train} needs at least 2 class folders, found {len(classes)}")
@@ -266,8 +342,8 @@ def _folder(path_text: str) -> DataBundle:
         blob = _convert_folder(root, classes, files, test_files)
         _save_tensor_cache(cache_path, blob)
     return DataBundle(f"folder:{root}", root.name, classes, blob["train_x"], blob["train_y"],
-                      blob["test_x"], blob["test_y"], flip=True, source=f"image folder {root}",
-                      fingerprint=f"folder-{fingerprint}")
+                      blob["test_x"], blob["test_y"], flip=flip, source=f"image folder {root}",
+                      fingerprint=_folder_fingerprint(fingerprint, flip))
 
 
 def _convert_folder(root, classes, files, test_files) -> dict:
@@ -332,7 +408,8 @@ def _load_cached(name: str, root: str) -> DataBundle:
 
 
 def load_dataset(name: str = DEFAULT_DATASET, data_root: str | os.PathLike | None = None) -> DataBundle:
-    """Load a dataset by registry name (kept in memory for the process)."""
+    """Load a dataset by registry name (kept in memory for the process; a folder's lab.json is read
+    on every call, so a changed setting applies at once)."""
     name = (name or DEFAULT_DATASET).strip()
     if name.startswith("folder:"):
         if not name[len("folder:"):]:
@@ -340,7 +417,7 @@ def load_dataset(name: str = DEFAULT_DATASET, data_root: str | os.PathLike | Non
         name = "folder:" + str(Path(name[len("folder:"):]).expanduser().resolve())
     elif name not in DATASETS:
         raise LabError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
-    return _load_cached(name, str(settings.data_root(data_root)))
+    return with_folder_settings(_load_cached(name, str(settings.data_root(data_root))))
 
 
 def is_dataset_name(name: str) -> bool:

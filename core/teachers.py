@@ -70,7 +70,17 @@ def load_teacher_file(path: Path) -> Teacher | None:
 
 
 def find_teacher(data: DataBundle, s: TeacherSettings) -> Teacher | None:
-    return load_teacher_file(weights_path(data, s))
+    t = load_teacher_file(weights_path(data, s))
+    return t if t is not None and same_augmentation(t.meta, data) else None
+
+
+def same_augmentation(meta: dict, data: DataBundle) -> bool:
+    """Whether a cached teacher was trained with the dataset's flip setting. Image folders always
+    flipped before their lab.json could say otherwise, and the default (no flips) kept their
+    fingerprint: such a teacher (its sidecar records no flip) is not the one a folder without flips asks for."""
+    if not data.name.startswith("folder:"):
+        return True
+    return bool(meta.get("flip", True)) == bool(data.flip)
 
 
 def latest_teacher(data: DataBundle, model: str) -> Teacher | None:
@@ -85,7 +95,7 @@ def latest_teacher(data: DataBundle, model: str) -> Teacher | None:
             metas.append((meta.get("created_ts", 0), side.with_suffix(".pt")))
     for _, path in sorted(metas, reverse=True):
         t = load_teacher_file(path)
-        if t is not None:
+        if t is not None and same_augmentation(t.meta, data):
             return t
     return None
 
@@ -124,7 +134,8 @@ def _train_teacher(data: DataBundle, s: TeacherSettings, path: Path, device: str
     emit(progress, stage="evaluate", kind="message", message="measuring accuracy, size and latency")
     report = metrics.report(model, data, eval_size=0, latency=measure) if measure else None
     meta = {"kind": "teacher", "dataset": data.name, "dataset_label": data.label,
-            "dataset_fingerprint": data.fingerprint, "model": s.model, "num_classes": data.num_classes,
+            "dataset_fingerprint": data.fingerprint, "flip": bool(data.flip), "model": s.model,
+            "num_classes": data.num_classes,
             "classes": data.classes, "settings": s.key_dict(data), "history": history,
             "metrics": report.to_dict() if report else None, "device": device,
             "train_seconds": sum(h["seconds"] for h in history)}

@@ -1,8 +1,9 @@
 """The one training loop: teacher training, fine-tuning after pruning, and distillation.
 
-Data stays in memory as uint8; augmentation (random crop with 4-pixel padding, optional
-horizontal flip) runs on whole batches as tensor ops, which is much faster on a CPU than
-per-image PIL transforms. SGD with Nesterov momentum, a one-cycle schedule and label smoothing.
+Data stays in memory as uint8; augmentation (random crop with 4-pixel padding, and a random
+horizontal flip only where the dataset allows it: `DataBundle.flip`, off for SVHN and for image
+folders unless their lab.json says `"flip": true`) runs on whole batches as tensor ops, which is
+much faster on a CPU than per-image PIL transforms. SGD with Nesterov momentum, a one-cycle schedule and label smoothing.
 """
 from __future__ import annotations
 

@@ -85,9 +85,11 @@ def compress_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
 
 @kind("train")
 def train_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
+    from .datasets import with_folder_settings
     from .teachers import TeacherSettings, get_teacher, teacher_summary
     from .training import TrainConfig
-    data = warm.data(payload["dataset"], payload.get("data_root"))
+    # a folder's lab.json (its flip setting) as it is now, not as when this worker first loaded the folder
+    data = with_folder_settings(warm.data(payload["dataset"], payload.get("data_root")))
     s = TeacherSettings(payload["model"], TrainConfig(**payload["train"]), bool(payload.get("pretrained")))
     t = get_teacher(data, s, device=payload.get("device"), progress=progress, measure=payload.get("measure", True))
     return dict(teacher_summary(t), engine=where)

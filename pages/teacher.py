@@ -5,6 +5,7 @@ import streamlit as st
 from core import views
 from core.models import MODELS
 from core.measure import has_latency, stored_baseline
+from core.datasets import FOLDER_SETTINGS, write_folder_settings
 from core.teachers import TeacherSettings, find_teacher
 from core.training import recipe_for
 from pages import _errors, _jobs, _resources, _roles, _selection, _widgets
@@ -31,6 +32,27 @@ with st.container(border=True):   # plain widgets, so the estimate below sees th
                      help="Runs the layers in bfloat16 while the weights stay fp32: 1.2-1.6x faster training on "
                           "CPUs with AVX-512 BF16 or AMX and on recent GPUs; slow where the hardware lacks it. "
                           f"Default here: {'on' if recipe.precision == 'bf16' else 'off'}.")
+    if data.name.startswith("folder:"):   # an image folder's augmentation is the folder's own setting
+        folder = data.name[len("folder:"):]
+        flip_key = f"teacher.flip.{folder}"
+        ss[flip_key] = data.flip   # what the folder's lab.json says now (another session may have changed it)
+
+        def _set_flip(folder=folder, flip_key=flip_key):
+            if not _roles.can("train_teacher"):
+                return
+            try:
+                write_folder_settings(folder, flip=bool(ss[flip_key]))
+                _resources._load_data.clear()   # every page reloads the folder with its new setting (and fingerprint)
+            except Exception as exc:   # a read-only folder: say so, the switch goes back
+                ss["teacher.flip_error"] = str(exc)
+        st.toggle("Horizontal flips for this folder", key=flip_key, on_change=_set_flip,
+                  disabled=not _roles.can("train_teacher"),
+                  help=f"Mirror training images at random. Off unless the folder asks for it: a mirrored digit, "
+                       f"letter or sign is another class (or none), while photos of things lose only a little "
+                       f"accuracy without flips. Saved in {folder}/{FOLDER_SETTINGS} as {{\"flip\": true}}; "
+                       f"each setting has its own cached teachers.")
+        if msg := ss.pop("teacher.flip_error", None):
+            st.error(f"Could not change the setting: {msg}", icon=":material/error:")
 
 settings = TeacherSettings(model, dataclasses.replace(recipe, epochs=int(epochs), subset=int(subset),
                                                      lr=float(lr), batch_size=int(batch),
