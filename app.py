@@ -13,14 +13,12 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 st.set_page_config(page_title="Model Compression Lab", page_icon=":material/compress:", layout="wide")
 
-from pages import _roles, _sidebar  # noqa: E402  (after set_page_config)
+from pages import _nav, _roles, _sidebar  # noqa: E402  (after set_page_config)
 
 PAGES = {
     "Lab": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
             st.Page("pages/teacher.py", title="Teacher", icon=":material/school:")],
-    "Compress": [st.Page("pages/pruning.py", title="Pruning", icon=":material/content_cut:"),
-                 st.Page("pages/quantization.py", title="Quantization", icon=":material/filter_9_plus:"),
-                 st.Page("pages/distillation.py", title="Distillation", icon=":material/science:")],
+    "Compress": _nav.technique_pages(),   # one page per registered technique
     "Inspect": [st.Page("pages/predictions.py", title="Predictions", icon=":material/grid_view:"),
                 st.Page("pages/try_image.py", title="Try an image", icon=":material/upload:"),
                 st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:")],

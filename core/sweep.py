@@ -15,19 +15,14 @@ from .models import STUDY_TEACHERS
 from .progress import ProgressFn, emit
 from .results import ExperimentResult, ResultStore, cpu_counts, results_frame
 from .runner import ExperimentConfig, lane
+from .techniques import get_technique, technique_names
 from .training import recipe_for
 
 SEED_DATASETS = ["cifar10", "svhn"]
 
-# a few settings per technique: the knobs the seed study turned, plus the lab's additions
-DEFAULT_GRID: dict[str, list[dict]] = {
-    "prune": [{"method": "unstructured", "ratio": 0.5},
-              {"method": "structured", "ratio": 0.3, "finetune_epochs": 1},
-              {"method": "structured", "ratio": 0.5, "finetune_epochs": 1}],
-    "quantize": [{"mode": "int8"}, {"mode": "fake", "bits": 8}, {"mode": "fake", "bits": 4},
-                 {"mode": "fp16"}],
-    "distill": [{"student": "resnet8", "temperature": 4.0, "alpha": 0.9, "epochs": 5}],
-}
+# a few settings per technique (each spec's sweep_grid): the knobs the seed study turned, plus the lab's additions
+DEFAULT_GRID: dict[str, list[dict]] = {n: list(get_technique(n).sweep_grid) for n in technique_names()
+                                       if get_technique(n).sweep_grid}
 
 
 @dataclass

@@ -13,7 +13,15 @@ import pandas as pd
 
 from .results import cpu_counts
 
-TECHNIQUE_COLORS = {"prune": "#e45756", "quantize": "#4c78a8", "distill": "#54a24b", "teacher": "#333333"}
+TEACHER_COLOR = "#333333"
+
+
+def technique_colors() -> dict[str, str]:
+    """Each registered technique's colour (its spec's), and the teacher's."""
+    from .techniques import get_technique, technique_names
+    return {**{n: get_technique(n).color for n in technique_names()}, "teacher": TEACHER_COLOR}
+
+
 SERIES_TITLES = {"train": "teacher", "finetune": "fine-tuning", "distill": "distilled student",
                  "scratch": "student from scratch"}
 
@@ -211,8 +219,9 @@ def tradeoff_chart(frame: pd.DataFrame, cost: str, cost_title: str, log_x: bool 
     df["on front"] = np.where(df["pareto"], "Pareto front", "dominated")
     df["x"] = df[cost] / divide
     scale = alt.Scale(type="log") if log_x else alt.Scale(zero=False)
-    domain = [t for t in TECHNIQUE_COLORS if t in set(df.get("technique", []))] or list(TECHNIQUE_COLORS)
-    color = alt.Color("technique:N", scale=alt.Scale(domain=domain, range=[TECHNIQUE_COLORS[t] for t in domain]))
+    colors = technique_colors()
+    domain = [t for t in colors if t in set(df.get("technique", []))] or list(colors)
+    color = alt.Color("technique:N", scale=alt.Scale(domain=domain, range=[colors[t] for t in domain]))
     x = alt.X("x:Q", title=cost_title, scale=scale, axis=alt.Axis(format="~g"))
     y = alt.Y("compressed_accuracy:Q", title="accuracy", axis=alt.Axis(format="%"), scale=alt.Scale(zero=False))
     tooltip = [alt.Tooltip("setting:N"), alt.Tooltip("dataset:N"), alt.Tooltip("model:N"),
@@ -427,3 +436,9 @@ def distill_diagram(temperature: float = 4.0) -> alt.Chart:
 
 
 DIAGRAMS = {"prune": prune_diagram, "quantize": quantize_diagram, "distill": distill_diagram}
+
+
+def diagram(technique: str) -> alt.Chart | None:
+    """The Home page's picture of a technique; None for one that has none (it is optional)."""
+    make = DIAGRAMS.get(technique)
+    return make() if make else None

@@ -111,7 +111,7 @@ def show_result(result, spec, teacher) -> None:
                   delta_arrow="off", border=True)
     series = {}
     if result.history:
-        series["distill" if result.technique == "distill" else "finetune"] = result.history
+        series[spec.history_series] = result.history
     if result.scratch_history:
         series["scratch"] = result.scratch_history
     if series:

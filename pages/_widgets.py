@@ -125,7 +125,5 @@ def pick_result(data, key: str, label: str = "Compressed model"):
 def no_runs_hint(data) -> None:
     st.info(f"No compressed model for {MODELS[st.session_state.teacher_model].title} on {data.label} yet: "
             "run one first.", icon=":material/info:")
-    cols = st.columns(3)
-    cols[0].page_link("pages/pruning.py", label="Pruning", icon=":material/content_cut:")
-    cols[1].page_link("pages/quantization.py", label="Quantization", icon=":material/filter_9_plus:")
-    cols[2].page_link("pages/distillation.py", label="Distillation", icon=":material/science:")
+    from pages import _nav
+    _nav.technique_links()

@@ -5,9 +5,7 @@ import streamlit as st
 from core import hardware, views
 from core.models import MODELS
 from core.techniques import get_technique, technique_names
-from pages import _resources
-
-PAGE_OF = {"prune": "pages/pruning.py", "quantize": "pages/quantization.py", "distill": "pages/distillation.py"}
+from pages import _nav, _resources
 
 st.title("Model Compression Lab")
 st.markdown("Make an image classifier **smaller and faster** and see what it costs in accuracy: "
@@ -36,16 +34,18 @@ with c3:
     st.metric("Training device", ss.device.upper(), border=True, help="Latency is always measured on the CPU.")
     st.caption(f"Latency CPU: {hardware.cpu_line()}")
 
-st.subheader("Three ways to compress")
-names = [n for n in ("prune", "quantize", "distill") if n in technique_names()]
+names = technique_names()
+st.subheader("Ways to compress")
 for col, name in zip(st.columns(len(names)), names):
     spec = get_technique(name)
     with col:
         st.markdown(f"#### {spec.title}")
         sentences = re.split(r"(?<=[.!?])\s+", spec.summary.strip())
         st.write(" ".join(sentences[:2]))
-        st.altair_chart(views.DIAGRAMS[name](), width="stretch")
-        st.page_link(PAGE_OF[name], label=f"Open {spec.title.lower()}", icon=":material/arrow_forward:")
+        chart = views.diagram(name)
+        if chart is not None:
+            st.altair_chart(chart, width="stretch")
+        st.page_link(_nav.technique_page(name), label=f"Open {spec.title.lower()}", icon=":material/arrow_forward:")
 
 st.subheader("How to use it in class")
 st.markdown(

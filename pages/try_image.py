@@ -46,5 +46,5 @@ with _errors.guarded("Prediction failed: "):
             compressed = _resources.compressed_model(result.key, result)
             frame = views.topk_frame(image_probs(compressed, data, image), data.classes)
             st.altair_chart(views.topk_chart(frame, f"Compressed ({result.technique}): {frame['class'].iloc[0]}",
-                                             views.TECHNIQUE_COLORS.get(result.technique, "#4c78a8")),
+                                             views.technique_colors().get(result.technique, "#4c78a8")),
                             width="stretch")

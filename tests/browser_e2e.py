@@ -205,7 +205,7 @@ def readme_screenshots(cache: Path, out: Path) -> list[Path]:
     shots = []
     with streamlit_server(cache, ROOT / "test-artifacts" / "readme-streamlit.log", eval_size=1000) as url, \
             chromium(1400, 1350) as d:
-        open_page(d, url, "", "Three ways to compress")
+        open_page(d, url, "", "Ways to compress")
         shots.append(screenshot(d, out / "home.png", 1000))
         open_page(d, url, "quantization", "Before → after", timeout=900)
         click_text(d, "int8")                      # the real int8 model: smaller and faster

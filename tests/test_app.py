@@ -16,6 +16,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import views
+from core.techniques import get_technique, technique_names
 from core.results import results_frame
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -33,8 +34,9 @@ def _navigation_pages_under_pages_dir(monkeypatch):
         original(self, *args, **kwargs)
         PagesManager.uses_pages_directory = False
     monkeypatch.setattr(PagesManager, "__init__", init)
-PAGES = ["pages/home.py", "pages/teacher.py", "pages/pruning.py", "pages/quantization.py",
-         "pages/distillation.py", "pages/predictions.py", "pages/try_image.py", "pages/compare.py"]
+# every page: the files, and one page per registered technique (by its name)
+PAGES = ["pages/home.py", "pages/teacher.py", *technique_names(), "pages/predictions.py", "pages/try_image.py",
+         "pages/compare.py"]
 
 
 def new_app(eval_size: int = 200) -> AppTest:
@@ -44,7 +46,13 @@ def new_app(eval_size: int = 200) -> AppTest:
 
 
 def visit(at: AppTest, page: str) -> AppTest:
-    at.switch_page(page).run()
+    """Open a page file, or a technique's generated page by its registry name."""
+    if page.endswith(".py"):
+        at.switch_page(page)
+    else:   # a callable page: AppTest.switch_page takes files only, so pick its registered hash by URL
+        url = get_technique(page).page_url
+        at._page_hash = next(h for h, info in at._registered_pages.items() if info.get("url_pathname") == url)
+    at.run()
     assert not at.exception, f"{page}: {[e.value for e in at.exception]}"
     return at
 
@@ -84,7 +92,7 @@ def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
     assert metrics(at)["Teacher"].delta == "not trained yet"
     for page in PAGES[1:]:
         visit(at, page)
-    visit(at, "pages/quantization.py")
+    visit(at, "quantize")
     assert "no cached" in texts(at).lower() and "Train it first" in texts(at)
     visit(at, "pages/teacher.py")
     assert at.number_input(key="teacher.epochs").value == 5   # small default for the offline dataset
@@ -114,7 +122,7 @@ def test_missing_dataset_offline_is_a_message_not_a_traceback():
     at.selectbox(key="dataset").set_value("cifar10").run()
     assert not at.exception
     assert any("Dataset unavailable" in e.value for e in at.error)
-    visit(at, "pages/pruning.py")
+    visit(at, "prune")
     assert any("Dataset unavailable" in e.value for e in at.error)
     assert "Shapes works offline" in texts(at)
 
@@ -125,7 +133,16 @@ def test_teacher_page_shows_the_cached_teacher(teacher):
     m = metrics(at)
     assert {"Accuracy", "Size", "Parameters", "MACs", "Latency (batch 1, CPU)"} <= set(m)
     assert m["Parameters"].value.endswith("M")          # resnet34: ~21M parameters
+    assert m["Latency (batch 1, CPU)"].value.endswith("ms")   # timed, not "–"
     assert "Current teacher" in [s.value for s in at.subheader]
+
+
+def test_teacher_latency_is_timed_even_after_a_compress_run_stored_the_accuracy(teacher, shapes):
+    from core.measure import baseline_metrics, has_latency, stored_baseline
+    baseline_metrics(teacher, shapes, 500)               # what a compress run leaves: no latency
+    assert not has_latency(stored_baseline(teacher.meta, 500))
+    at = visit(new_app(500), "pages/teacher.py")
+    assert metrics(at)["Latency (batch 1, CPU)"].value.endswith("ms")
 
 
 def test_teacher_page_estimates_the_training_time_for_the_current_settings(teacher):
@@ -138,7 +155,7 @@ def test_teacher_page_estimates_the_training_time_for_the_current_settings(teach
 
 
 def test_quantization_slider_change_reruns_and_shows_a_result(teacher):
-    at = visit(new_app(), "pages/quantization.py")
+    at = visit(new_app(), "quantize")
     assert "bits=8" in texts(at)                        # auto-run on load: no training involved
     size8 = metrics(at)["Size"].value
     at.slider(key="quantize.bits").set_value(4).run()
@@ -158,7 +175,7 @@ def test_slider_results_are_computed_in_ray_workers_and_listed_in_the_class_view
     import os
 
     from core.results import ResultStore
-    at = visit(new_app(), "pages/quantization.py")
+    at = visit(new_app(), "quantize")
     at.slider(key="quantize.bits").set_value(3).run()
     assert not at.exception and "bits=3" in texts(at)
     run = next(r for r in ResultStore().all(technique="quantize") if r.params.get("bits") == 3)
@@ -175,13 +192,13 @@ def test_slider_results_are_computed_in_ray_workers_and_listed_in_the_class_view
 
 
 def test_pruning_slider_change_and_distillation_run(teacher):
-    at = visit(new_app(), "pages/pruning.py")
+    at = visit(new_app(), "prune")
     at.slider(key="prune.ratio").set_value(0.3).run()
     assert not at.exception
     assert "ratio=0.3" in texts(at)
     assert "smaller" in metrics(at)["Parameters"].delta  # structured pruning removes channels
 
-    visit(at, "pages/distillation.py")
+    visit(at, "distill")
     assert "press **Run**" in texts(at)                 # training settings never auto-run
     at.radio(key="distill.student").set_value("cnn_small")
     at.slider(key="distill.epochs").set_value(1)
@@ -197,7 +214,7 @@ def test_pruning_slider_change_and_distillation_run(teacher):
 def test_predictions_grid_and_disagreement_filter(teacher):
     at = visit(new_app(), "pages/predictions.py")
     if "run one first" in texts(at):                    # run in isolation: make one result first
-        visit(at, "pages/quantization.py")
+        visit(at, "quantize")
         visit(at, "pages/predictions.py")
     m = metrics(at)
     assert {"Teacher correct", "Compressed correct", "Disagreements"} <= set(m)
@@ -254,7 +271,7 @@ def test_compare_table_download_and_delete(teacher):
     from core.results import ResultStore
     at = visit(new_app(), "pages/compare.py")
     if not at.dataframe:
-        visit(at, "pages/quantization.py")
+        visit(at, "quantize")
         visit(at, "pages/compare.py")
     before = ResultStore().count()
     assert before >= 1 and at.dataframe
@@ -275,7 +292,7 @@ def test_runs_timed_on_another_cpu_are_flagged(teacher):
     from core.results import ResultStore
     here, elsewhere = hardware.cpu_id(), "Another CPU, 64 cores, AVX512"
     store = ResultStore()
-    at = visit(new_app(), "pages/quantization.py")         # the default run (stored by an earlier test)
+    at = visit(new_app(), "quantize")         # the default run (stored by an earlier test)
     mine = store.get(at.session_state["last_result_key"])
     assert mine.cpu == here and not any("another CPU" in w.value for w in at.warning)
     copy = dataclasses.replace(mine, key=mine.key + "-copied", cpu=elsewhere)
@@ -286,7 +303,7 @@ def test_runs_timed_on_another_cpu_are_flagged(teacher):
         assert warned and f"{elsewhere}: 1 run" in warned[0] and here in warned[0]
         assert "cpu" in at.dataframe[0].value.columns
         store.add(dataclasses.replace(mine, cpu=elsewhere))   # the page's own run, as if copied in
-        at = visit(new_app(), "pages/quantization.py")
+        at = visit(new_app(), "quantize")
         assert any(w.value.startswith(f"Latency timed on another CPU ({elsewhere})") for w in at.warning)
     finally:
         store.delete(copy.key)

@@ -76,7 +76,7 @@ def test_quantize_and_upload_in_a_real_browser(make_teacher, tmp_path):
     log = ART / "browser-streamlit.log"
     with streamlit_server(os.environ["COMPRESSION_LAB_CACHE"], log) as url, chromium() as d, \
             screenshot_on_failure(d, ART / "browser-failure.png"):
-        open_page(d, url, "", "Three ways to compress")
+        open_page(d, url, "", "Ways to compress")
         assert "Generated data" in page_text(d)
         screenshot(d, ART / "browser-01-home.png")
 

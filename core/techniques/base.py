@@ -126,6 +126,16 @@ class TechniqueSpec:
     # a stored trained model measured on another evaluation size: redo what depends on it (distillation's
     # from-scratch twin is measured on the same images)
     refresh: Optional[Callable[["TechniqueOutput", Context], "TechniqueOutput"]] = None
+    # how the app, the CLI and the sweep present it: the registry is their only list of techniques
+    url: str = ""                    # the app page's URL path (default: the name)
+    icon: str = ":material/tune:"    # Material icon of its page and links
+    color: str = "#888888"           # its colour in every chart
+    sweep_grid: tuple = ()           # the settings `python -m core sweep` runs by default
+    history_series: str = "finetune"  # what its training curve is called (views.SERIES_TITLES)
+
+    @property
+    def page_url(self) -> str:
+        return self.url or self.name
 
     def validate(self, params: dict | None) -> dict:
         params = dict(params or {})

@@ -278,5 +278,7 @@ SPEC = register(TechniqueSpec(
     apply=apply,
     load=_load,
     refresh=refresh,
+    url="distillation", icon=":material/science:", color="#54a24b", history_series="distill",
+    sweep_grid=({"student": "resnet8", "temperature": 4.0, "alpha": 0.9, "epochs": 5},),
     version=3,   # 2: KD student inputs no longer augmented; 3: students train in bf16 where supported
 ))

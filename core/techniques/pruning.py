@@ -365,6 +365,10 @@ SPEC = register(TechniqueSpec(
              "zeros that only shrink the file once it is compressed or stored sparsely). "
              "A short fine-tuning afterwards wins back most of the lost accuracy."),
     params=PARAMS, apply=apply, load=load, check=check,
+    url="pruning", icon=":material/content_cut:", color="#e45756",
+    sweep_grid=({"method": "unstructured", "ratio": 0.5},
+                {"method": "structured", "ratio": 0.3, "finetune_epochs": 1},
+                {"method": "structured", "ratio": 0.5, "finetune_epochs": 1}),
     # 2: fine-tuning in bf16 where the hardware runs it; 3: structured results also timed in ONNX Runtime;
     # 4: DenseNets exported for that timing as a running concatenation; 5: batch-norm correction;
     # 6: structured layers keep a multiple of channel_multiple (8) channels; 7: the nearest multiple

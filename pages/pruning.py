@@ -1,3 +1,0 @@
-from pages import _technique
-
-_technique.render("prune")
