@@ -173,7 +173,7 @@ def results_frame(results: list[ExperimentResult]):
                "model": r.model, "technique": r.technique, "setting": r.label(),
                "params": json.dumps(r.params, sort_keys=True), "eval_images": r.eval_images,
                "seconds": r.seconds, "runtime": r.runtime, "cpu": r.cpu,
-               "node": (r.engine or {}).get("node", "")}
+               "node": (r.engine or {}).get("node", ""), "target": r.target}
         for side in ("baseline", "compressed"):
             for k in METRIC_KEYS:
                 row[f"{side}_{k}"] = getattr(r, side).get(k)

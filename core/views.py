@@ -325,7 +325,7 @@ def compare_table(frame: pd.DataFrame) -> pd.DataFrame:
             "compressed_accuracy", "accuracy_drop", "baseline_size_bytes", "compressed_size_bytes",
             "size_ratio", "baseline_latency_ms_b1", "compressed_latency_ms_b1", "latency_speedup_b1",
             "baseline_params", "compressed_params", "baseline_macs", "compressed_macs", "macs_ratio",
-            "scratch_accuracy", "runtime", "cpu", "node", "seconds", "key"]
+            "scratch_accuracy", "runtime", "target", "cpu", "node", "seconds", "key"]
     return frame[[c for c in cols if c in frame]] if len(frame) else pd.DataFrame(columns=cols)
 
 

@@ -9,6 +9,7 @@ import streamlit as st
 
 import core
 from core.settings import default_device
+from core.targets import DEFAULT_TARGET
 from pages._roles import can
 
 EVAL_CHOICES = [200, 500, 1000, 2000, 0]
@@ -29,6 +30,7 @@ def init_state() -> None:
     ss.setdefault("device", default_device())
     ss.setdefault("eval_size", _env_int("COMPRESSION_LAB_APP_EVAL", 1000))
     ss.setdefault("folder_path", "")
+    ss.setdefault("target", DEFAULT_TARGET)
 
 
 def eval_label(n: int) -> str:

@@ -7,6 +7,7 @@ import core
 from core.datasets import DATASETS
 from core.models import MODELS, TEACHERS
 from core.settings import available_devices
+from core.targets import DEFAULT_TARGET, TARGETS, available_targets
 from pages._resources import teacher_entry, try_data
 from pages._roles import can, login_box
 from pages._selection import EVAL_CHOICES, eval_label, init_state
@@ -29,8 +30,13 @@ def sidebar() -> None:
         devices = available_devices()
         if st.session_state.device not in devices:
             st.session_state.device = devices[0]
-        st.selectbox("Training device", devices, key="device",
-                     help="Latency is always measured on the CPU.")
+        st.selectbox("Training device", devices, key="device")
+        targets = available_targets()   # a GPU target only where its hardware is present
+        if st.session_state.target not in targets:
+            st.session_state.target = DEFAULT_TARGET
+        st.selectbox("Deployment target", targets, key="target", format_func=lambda n: TARGETS[n].title,
+                     help="Where latency is timed: " + "; ".join(f"{t.title}: {t.description}" for n, t in TARGETS.items()
+                                                                 if n in targets) + ".")
         st.selectbox("Evaluate on", EVAL_CHOICES, key="eval_size", format_func=eval_label,
                      help="Every comparison uses the same fixed, class-balanced subset of the test set.")
         data = try_data()

@@ -37,7 +37,8 @@ def render(name: str) -> None:
         full = st.checkbox("Evaluate on the full test set (slower)", key=f"{name}.full",
                            help=f"Otherwise the fixed subset chosen in the sidebar ({_selection.eval_label(ss.eval_size)}).")
     cfg = ExperimentConfig(dataset=_selection.dataset_name(), model=ss.teacher_model, technique=name, params=params,
-                           eval_size=0 if full else int(ss.eval_size), device=ss.device)
+                           eval_size=0 if full else int(ss.eval_size), device=ss.device,
+                           target=ss.get("target") or "edge-cpu")
     slow = spec.trains(params)
     with left:
         auto = st.toggle("Run when a setting changes", key=f"{name}.auto", value=True, disabled=slow,

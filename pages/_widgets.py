@@ -81,7 +81,8 @@ def teacher_metric_row(m: dict) -> None:
     cols[2].metric("Parameters", views.fmt_count(m.get("params")), border=True)
     cols[3].metric("MACs", views.fmt_count(m.get("macs")), border=True, help="multiply-accumulates per image")
     cols[4].metric("Latency (batch 1, CPU)", views.fmt_ms(m.get("latency_ms_b1")), border=True,
-                   help=f"one image at a time on {m.get('threads_b1', m.get('threads', '?'))} CPU thread(s)")
+                   help=f"one image at a time on {m.get('threads_b1', m.get('threads', '?'))} CPU thread(s), "
+                        f"target {m.get('target', 'edge-cpu')}")
 
 
 def download_model(result, key: str) -> None:

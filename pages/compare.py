@@ -13,14 +13,20 @@ if frame.empty:
     st.info("No runs yet: compress something first.", icon=":material/info:")
     st.stop()
 
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
 datasets = sorted(frame["dataset"].unique())
 techniques = sorted(frame["technique"].unique())
 models = sorted(frame["model"].unique())
+targets = sorted(frame["target"].unique())
 sel_d = c1.multiselect("Datasets", datasets, default=datasets, key="cmp.datasets")
 sel_t = c2.multiselect("Techniques", techniques, default=techniques, key="cmp.techniques")
 sel_m = c3.multiselect("Teachers", models, default=models, key="cmp.models")
-view = frame[frame["dataset"].isin(sel_d) & frame["technique"].isin(sel_t) & frame["model"].isin(sel_m)]
+# latencies only compare within one target: the sidebar's, where it has runs
+mine = st.session_state.get("target")
+sel_g = c4.multiselect("Targets", targets, default=[mine] if mine in targets else targets, key="cmp.targets",
+                       help="where latency was timed (the sidebar's deployment target)")
+view = frame[frame["dataset"].isin(sel_d) & frame["technique"].isin(sel_t) & frame["model"].isin(sel_m)
+             & frame["target"].isin(sel_g)]
 
 mixed = views.cpu_mix_line(view)
 if mixed:

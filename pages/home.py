@@ -31,7 +31,7 @@ with c2:
     if not cached:
         st.page_link("pages/teacher.py", label="Train it on the Teacher page", icon=":material/school:")
 with c3:
-    st.metric("Training device", ss.device.upper(), border=True, help="Latency is always measured on the CPU.")
+    st.metric("Training device", ss.device.upper(), border=True, help="Latency is timed on the deployment target chosen in the sidebar.")
     st.caption(f"Latency CPU: {hardware.cpu_line()}")
 
 names = technique_names()

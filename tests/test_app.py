@@ -355,3 +355,24 @@ def test_best_per_dataset_respects_the_minimum_compression():
     assert views.best_per_dataset(df, 1.0)["technique"].tolist() == ["prune", "distill"]
     assert views.best_per_dataset(df, 2.0)["technique"].tolist() == ["quantize", "distill"]
     assert views.best_per_dataset(df, 50.0).empty
+
+
+def test_compare_shows_the_sidebar_targets_runs_and_the_others_on_request(teacher):
+    """Latencies only compare within one deployment target: Compare starts on the sidebar's, and every
+    run records the target it was timed for."""
+    import dataclasses
+    from core.results import ResultStore
+    store = ResultStore()
+    at = visit(new_app(), "quantize")
+    mine = store.get(at.session_state["last_result_key"])
+    assert mine.target == "edge-cpu" and at.session_state["target"] == "edge-cpu"
+    server = dataclasses.replace(mine, key=mine.key + "-server", target="cpu-server")
+    store.add(server)
+    try:
+        at = visit(new_app(), "pages/compare.py")
+        shown = at.dataframe[0].value
+        assert "target" in shown.columns and set(shown["target"]) == {"edge-cpu"}
+        at.multiselect(key="cmp.targets").select("cpu-server").run()
+        assert set(at.dataframe[0].value["target"]) == {"edge-cpu", "cpu-server"}
+    finally:
+        store.delete(server.key)

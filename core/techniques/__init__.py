@@ -20,13 +20,19 @@ def get_technique(name: str) -> TechniqueSpec:
 
 
 def technique_names() -> list[str]:
+    """Registered techniques, the built-in ones in BUILTIN's order (whatever imported them first)."""
     _load_builtin()
-    return list(TECHNIQUES)
+    builtin = [n for m in BUILTIN for n, s in TECHNIQUES.items() if s.apply.__module__ == f"{__name__}.{m}"]
+    return builtin + [n for n in TECHNIQUES if n not in builtin]
+
+
+# the built-in technique modules, in the order the app and the CLI list them: a new technique adds its line
+BUILTIN = ("pruning", "quantization", "distillation")
 
 
 def _load_builtin():
     import importlib
-    for mod in ("pruning", "quantization", "distillation"):
+    for mod in BUILTIN:
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:
