@@ -28,7 +28,7 @@ from .errors import InvalidParameter, LabError
 from .estimate import estimate_epoch_seconds, human_duration
 from .models import STUDY_TEACHERS, get_spec
 from .progress import Event, ProgressFn, emit
-from .teachers import TeacherSettings, find_teacher, get_teacher
+from .teachers import TeacherSettings, find_teacher, get_teacher, imagenet_weights_problem, pretrained_problem
 from .training import TrainConfig, recipe_for, training_indices
 
 MAX_EPOCHS = 60          # a budget never buys more epochs than this per model
@@ -196,7 +196,7 @@ class _Tracker:
 def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epochs: int | None = None,
             budget_minutes: float | None = None, device: str | None = None, progress: ProgressFn = None,
             data_root=None, base: TrainConfig | None = None, threads: int | None = None,
-            measure: bool = True, train=None) -> dict:
+            measure: bool = True, train=None, pretrained: bool = False) -> dict:
     """Train or load every selected teacher (default: the study's four) and return a summary.
 
     epochs: per model (default TrainConfig's); with budget_minutes it is the most any model gets
@@ -204,6 +204,8 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
     Interrupting (Ctrl-C, or an exception raised from `progress`) keeps finished epochs: calling
     again with the same arguments resumes them. `train(data, settings, device, progress, measure)`
     trains one teacher (default: here, in this process; the CLI passes the job layer's).
+    pretrained: start each teacher from ImageNet weights (the seed study's teachers); where they
+    cannot be fetched (offline, not in torch's hub cache) it stops before any training, saying so.
     """
     from .settings import default_device
     if epochs is not None and not (isinstance(epochs, int) and 1 <= epochs <= 500):
@@ -223,16 +225,22 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
         return max(1, math.ceil(len(training_indices(data, train)) / train.batch_size))
 
     def settings_for(model, n_epochs):
-        return TeacherSettings(model, dataclasses.replace(given or recipe_for(data, model, device), epochs=n_epochs))
+        return TeacherSettings(model, dataclasses.replace(given or recipe_for(data, model, device), epochs=n_epochs),
+                               pretrained=bool(pretrained))
 
     plan_file = None
     if budget_minutes is not None:
         key = {"dataset": data.fingerprint, "models": models, "budget_minutes": budget_minutes,
                "max_epochs": epochs or MAX_EPOCHS, "train": base.key(), "device": device}
+        if pretrained:   # only then: plans made before the option keep their keys
+            key["pretrained"] = True
         plan_file = _plan_path(data, key)
         plan = _read_plan(plan_file)
         estimates = {}
         if plan is None or set(plan) != set(models):
+            for m in models:   # an unplanned budget has nothing cached: stop before timing
+                if problem := imagenet_weights_problem(m):
+                    raise LabError(problem)
             for m in models:
                 emit(progress, stage="prepare", kind="message", message=f"timing a few batches of {m}")
                 estimates[m] = estimate_epoch_seconds(m, data, given or recipe_for(data, m, device), device)
@@ -255,6 +263,10 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
                      "cached": found is not None,
                      "teacher": found})
     todo = [j for j in jobs if not j["cached"]]
+    for j in todo:   # before timing or training anything
+        problem = pretrained_problem(data, j["settings"])
+        if problem:
+            raise LabError(problem)
     for j in todo:  # estimates make the ETA meaningful before the first epoch ends
         est = estimates.get(j["model"])
         if est is None:
@@ -275,7 +287,8 @@ def prepare(dataset: str | DataBundle, models: list[str] | None = None, *, epoch
         j["seconds"] = time.perf_counter() - t0
         tracker.finish_job(j)
     emit(progress, stage="prepare", kind="done")
-    return {"dataset": data.name, "dataset_label": data.label, "device": device, **thread_info,
+    return {"dataset": data.name, "dataset_label": data.label, "device": device, "pretrained": bool(pretrained),
+            **thread_info,
             "budget_minutes": budget_minutes, "plan_file": str(plan_file) if plan_file else None,
             "seconds": time.perf_counter() - t_start, "teachers": [_summary(j) for j in jobs]}
 
@@ -322,7 +335,8 @@ def _summary(job: dict) -> dict:
     hist = t.meta.get("history", [])
     m = t.meta.get("metrics") or {}
     return {"model": job["model"], "title": get_spec(job["model"]).title, "epochs": job["epochs"],
-            "cached": job["cached"], "accuracy": m.get("accuracy"), "eval_images": m.get("eval_images"),
+            "cached": job["cached"], "pretrained": job["settings"].pretrained,
+            "accuracy": m.get("accuracy"), "eval_images": m.get("eval_images"),
             "val_accuracy": hist[-1]["val_accuracy"] if hist else None,
             "train_seconds": t.meta.get("train_seconds"),
             "seconds_per_epoch": (sum(h["seconds"] for h in hist) / len(hist)) if hist else None,

@@ -32,6 +32,7 @@ class SweepPlan:
     techniques: list[str] = field(default_factory=lambda: list(DEFAULT_GRID))
     grid: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_GRID.items()})
     eval_size: int = 1000
+    pretrained: bool = False   # teachers from ImageNet weights (the seed study's); see run_sweep
 
     def configs(self, data_root=None, device=None) -> list[ExperimentConfig]:
         unknown = [t for t in self.techniques if t not in self.grid]
@@ -48,23 +49,36 @@ def run_sweep(plan: SweepPlan, progress: ProgressFn = None, store: ResultStore |
               data_root=None, device=None, on_result=None, address: str | None = None) -> list[ExperimentResult]:
     """Run every cell (validated up front, so a typo fails before hours of work) on the job layer:
     missing teachers are trained first (once each), then all cells run in parallel across the
-    engine's workers; results come back in the plan's order."""
+    engine's workers; results come back in the plan's order.
+
+    Cells compress the newest cached teacher of their dataset and model. With `plan.pretrained`
+    a teacher is trained from ImageNet weights wherever that newest one is not ImageNet-pretrained;
+    where the weights cannot be fetched (offline, not in torch's hub cache) it stops before any work."""
     from . import jobs
     from .datasets import load_dataset
     from .engine import check_reachable
     from .predict import latest_teacher_entry
+    from .teachers import TeacherSettings, pretrained_problem
     configs = [c.validate() for c in plan.configs(data_root, device)]
     check_reachable(address)
     datas = {ds: load_dataset(ds, data_root) for ds in plan.datasets}   # missing data fails now
+    missing = []
+    for ds, model in dict.fromkeys((c.dataset, c.model) for c in configs):
+        entry = latest_teacher_entry(datas[ds], model)
+        if entry is None or (plan.pretrained and not (entry[1].get("settings") or {}).get("pretrained")):
+            s = TeacherSettings(model, recipe_for(datas[ds], model, device), pretrained=plan.pretrained)
+            problem = pretrained_problem(datas[ds], s)
+            if problem:   # before any teacher trains: not after hours of the others
+                raise LabError(problem)
+            missing.append((ds, s))
     lab = jobs.manager(address)
     teachers = []
-    for ds, model in dict.fromkeys((c.dataset, c.model) for c in configs):
-        if latest_teacher_entry(datas[ds], model) is None:
-            emit(progress, stage="sweep", kind="message", message=f"training the {model} teacher on {ds} first")
-            train = recipe_for(datas[ds], model, device)
-            teachers.append(lab.submit("train", {"dataset": ds, "data_root": data_root, "model": model,
-                                                 "train": asdict(train), "pretrained": False, "device": device},
-                                       label=f"train {model} on {ds}"))
+    for ds, s in missing:
+        kind = "ImageNet-pretrained " if s.pretrained else ""
+        emit(progress, stage="sweep", kind="message", message=f"training the {kind}{s.model} teacher on {ds} first")
+        teachers.append(lab.submit("train", {"dataset": ds, "data_root": data_root, "model": s.model,
+                                             "train": asdict(s.train), "pretrained": s.pretrained, "device": device},
+                                   label=f"train {s.model} on {ds}"))
     for job in teachers:
         job.follow(progress)
     submitted = []

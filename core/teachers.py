@@ -1,6 +1,8 @@
 """Teachers: train (resumably) or load from the cache, keyed by dataset, model and settings."""
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,30 @@ class Teacher:
         return self.meta["model"]
 
 
+def imagenet_weights_problem(model: str) -> str | None:
+    """Why ImageNet weights for `model` cannot be had here, found without any network call; None
+    when they are in torch's hub cache or downloads are allowed (a download that then fails stops
+    the training with its reason: a teacher cached as pretrained is never one from random weights).
+
+    The Teacher page shows this before offering the switch; `train`, `prepare` and `sweep` with
+    --pretrained stop with it before any training."""
+    spec = get_spec(model)
+    if not spec.torchvision_name:
+        return f"{spec.title} has no ImageNet weights (students are trained here from random initialisation)"
+    try:
+        import torchvision
+        weights = torchvision.models.get_model_weights(spec.torchvision_name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name   # where torch.hub keeps them
+    except Exception as exc:   # an older torchvision without the weights enum
+        return f"torchvision offers no ImageNet weights for {spec.title} here ({type(exc).__name__}: {exc})"
+    if cached.exists() or not os.environ.get("COMPRESSION_LAB_OFFLINE"):
+        return None
+    return (f"ImageNet weights for {spec.title} cannot be fetched: downloads are off (COMPRESSION_LAB_OFFLINE "
+            f"is set) and torch's hub cache has no {cached.name} (looked in {cached.parent}). On a machine with "
+            f"internet, `python -m core train --model {model} --pretrained` downloads it (or copy the file into "
+            f"that folder); or train from random initialisation instead (without --pretrained).")
+
+
 def weights_path(data: DataBundle, s: TeacherSettings) -> Path:
     return cache.teacher_dir(data.fingerprint, s.model) / f"{s.key(data)}.pt"
 
@@ -72,6 +98,21 @@ def load_teacher_file(path: Path) -> Teacher | None:
 def find_teacher(data: DataBundle, s: TeacherSettings) -> Teacher | None:
     t = load_teacher_file(weights_path(data, s))
     return t if t is not None and same_augmentation(t.meta, data) else None
+
+
+def pretrained_problem(data: DataBundle, s: TeacherSettings) -> str | None:
+    """Why training `s` would stop for want of ImageNet weights (imagenet_weights_problem); None when
+    `s` is not pretrained, is cached already, or an unfinished run of it (which holds its weights) resumes.
+    Cheap (no weights are loaded): `train`, `prepare`, `sweep` and the Teacher page ask before any work."""
+    if not s.pretrained:
+        return None
+    path = weights_path(data, s)
+    if path.with_suffix(".partial.pt").exists():
+        return None
+    meta = cache.read_sidecar(path)
+    if meta is not None and same_augmentation(meta, data):
+        return None
+    return imagenet_weights_problem(s.model)
 
 
 def same_augmentation(meta: dict, data: DataBundle) -> bool:
@@ -114,6 +155,9 @@ def get_teacher(dataset: str | DataBundle, s: TeacherSettings, *, device: str | 
     if not train_if_missing:
         raise LabError(f"no cached {s.model} teacher for {data.label}; train one first")
     path = weights_path(data, s)
+    problem = pretrained_problem(data, s)
+    if problem:
+        raise LabError(problem)
     with cache.file_lock(f"teacher-{path.stem}"):   # a second process waits, then loads what the first trained
         found = find_teacher(data, s)
         if found is not None:
@@ -125,9 +169,15 @@ def _train_teacher(data: DataBundle, s: TeacherSettings, path: Path, device: str
                    measure: bool) -> Teacher:
     partial = path.with_suffix(".partial.pt")
     notices: list[str] = []
-    model = build_model(s.model, data.num_classes, pretrained=s.pretrained, notices=notices)
-    for n in notices:
-        emit(progress, stage="train", kind="message", message=n)
+    resuming = partial.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a failed weights download is the error below, not a notice
+        model = build_model(s.model, data.num_classes, pretrained=s.pretrained, notices=notices)
+    if s.pretrained and notices and not resuming:
+        # never cache a teacher from random weights under the pretrained key: the next run would serve it
+        raise LabError(f"{notices[0].split(';')[0]}, so no ImageNet-pretrained {s.model} was trained; "
+                       f"train from random initialisation instead (without --pretrained), or retry where "
+                       f"the weights can be downloaded")
     history = resumable_fit(model, data, s.train, partial, what=s.model, device=device, progress=progress,
                             stage="train")
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)

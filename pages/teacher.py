@@ -6,7 +6,7 @@ from core import views
 from core.models import MODELS
 from core.measure import has_latency, stored_baseline
 from core.datasets import FOLDER_SETTINGS, write_folder_settings
-from core.teachers import TeacherSettings, find_teacher
+from core.teachers import TeacherSettings, find_teacher, pretrained_problem
 from core.training import recipe_for
 from pages import _errors, _jobs, _resources, _roles, _selection, _widgets
 
@@ -32,6 +32,10 @@ with st.container(border=True):   # plain widgets, so the estimate below sees th
                      help="Runs the layers in bfloat16 while the weights stay fp32: 1.2-1.6x faster training on "
                           "CPUs with AVX-512 BF16 or AMX and on recent GPUs; slow where the hardware lacks it. "
                           f"Default here: {'on' if recipe.precision == 'bf16' else 'off'}.")
+    pretrained = st.toggle("Start from ImageNet weights", value=False, key="teacher.pretrained",
+                           help="Fine-tune torchvision's ImageNet-trained weights (all but the last layer) instead of "
+                                "starting from random ones, as the seed study's teachers did. Downloaded once into "
+                                "torch's hub cache; offline they must be there already.")
     if data.name.startswith("folder:"):   # an image folder's augmentation is the folder's own setting
         folder = data.name[len("folder:"):]
         flip_key = f"teacher.flip.{folder}"
@@ -56,10 +60,13 @@ with st.container(border=True):   # plain widgets, so the estimate below sees th
 
 settings = TeacherSettings(model, dataclasses.replace(recipe, epochs=int(epochs), subset=int(subset),
                                                      lr=float(lr), batch_size=int(batch),
-                                                     precision="bf16" if bf16 else "fp32"))
+                                                     precision="bf16" if bf16 else "fp32"), pretrained=bool(pretrained))
+weights_problem = pretrained_problem(data, settings)   # offline without the weights: say so before training
+if weights_problem:
+    st.warning(weights_problem, icon=":material/cloud_off:")
 est_key = (data.name, model, int(epochs), int(subset), int(batch), bool(bf16), ss.device)
 train_payload = {"dataset": _selection.dataset_name(), "data_root": None, "model": model, "train": dataclasses.asdict(settings.train),
-                 "pretrained": False, "device": ss.device, "measure": False}
+                 "pretrained": settings.pretrained, "device": ss.device, "measure": False}
 if st.button("Estimate the training time", icon=":material/timer:", key="teacher.estimate",
              help="Times a few training batches of these settings on this machine (a few seconds)."):
     est = _jobs.follow(_jobs.lab().submit("estimate", dict(train_payload, measure=False), owner=_jobs.owner(),
@@ -72,7 +79,7 @@ if est := ss.get("teacher.estimates", {}).get(est_key):
             icon=":material/timer:")
 if _roles.can("train_teacher"):
     submitted = st.button("Train (or load if these settings are cached)", type="primary", key="teacher.train",
-                          icon=":material/model_training:")
+                          icon=":material/model_training:", disabled=bool(weights_problem))
 else:
     submitted = False
     st.caption("Class mode: only the instructor trains teachers; every compression page uses the cached one.")
@@ -110,12 +117,15 @@ st.subheader("Current teacher")
 tr = (meta.get("settings") or {}).get("train", {})
 st.caption(f"trained {meta.get('created', '?')} on {meta.get('device', '?')} · {tr.get('epochs', '?')} epochs · "
            f"{'all' if not tr.get('subset') else tr.get('subset')} training images · {tr.get('precision', 'fp32')} · "
-           f"{meta.get('train_seconds', 0):.0f} s of training · file {teacher.path.name}")
-m = stored_baseline(meta, int(ss.eval_size))
-if not has_latency(m):   # measured once per teacher and evaluation size, latency included, in a worker
+           f"{meta.get('train_seconds', 0):.0f} s of training · "
+           f"{'from ImageNet weights' if (meta.get('settings') or {}).get('pretrained') else 'from random weights'} · "
+           f"file {teacher.path.name}")
+target = ss.get("target") or "edge-cpu"
+m = stored_baseline(meta, int(ss.eval_size), target)
+if not has_latency(m):   # measured once per teacher, evaluation size and target, latency included, in a worker
     m = _jobs.follow(_jobs.lab().submit("baseline", {"dataset": _selection.dataset_name(), "model": model,
-                                               "eval_size": int(ss.eval_size)}, owner=_jobs.owner(),
-                                  label=f"measure {title}"),
+                                                     "eval_size": int(ss.eval_size), "target": target},
+                                        owner=_jobs.owner(), label=f"measure {title}"),
                   "Measuring accuracy, size, MACs and latency (once per teacher)…", chart=False)
 if m is not None:
     _widgets.teacher_metric_row(m)

@@ -22,6 +22,9 @@ def register(sub):
                    help="fit all training into about this many minutes (epochs per model from a timing)")
     p.add_argument("--threads", type=int_range(1, 1024), default=None,
                    help="CPU threads (default: physical cores; env COMPRESSION_LAB_THREADS)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start every teacher from ImageNet weights, as the seed study did (downloaded once into "
+                        "torch's hub cache; offline they must be there already, or it stops before training)")
     p.set_defaults(handler=run)
 
 
@@ -84,13 +87,14 @@ def run(args) -> int:
     try:
         out = prepare(args.dataset, args.models, epochs=args.epochs, budget_minutes=args.budget_minutes,
                       device=args.device, progress=bar, data_root=args.data_root, threads=args.threads,
-                      train=train_on_job_layer(args.ray_address, args.data_root))
+                      train=train_on_job_layer(args.ray_address, args.data_root), pretrained=args.pretrained)
     finally:
         bar.close()
     if args.json:
         print_json(out)
         return 0
-    print(f"teachers on {out['dataset_label']} ({out['threads']} threads, {out['device']}):")
+    print(f"teachers on {out['dataset_label']} ({out['threads']} threads, {out['device']}"
+          f"{', from ImageNet weights' if out['pretrained'] else ''}):")
     for t in out["teachers"]:
         acc = f"{t['accuracy']:.4f}" if t["accuracy"] is not None else "n/a"
         spe = f"{t['seconds_per_epoch']:.0f} s/epoch" if t["seconds_per_epoch"] else ""

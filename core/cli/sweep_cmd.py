@@ -21,6 +21,9 @@ def register(sub):
     p.add_argument("--out", default=None, help="report folder (default: <cache>/reports)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--pretrained", action="store_true",
+                   help="compress ImageNet-pretrained teachers, as the seed study did: one is trained first where "
+                        "the newest cached teacher is not (offline the weights must be in torch's hub cache)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     add_engine_arg(p)
@@ -32,7 +35,7 @@ def run(args) -> int:
 
     from .. import settings
     plan = SweepPlan(datasets=args.datasets, models=args.models, techniques=args.techniques,
-                     eval_size=args.eval_size)
+                     eval_size=args.eval_size, pretrained=args.pretrained)
     inner = progress_for(args)
     bar = None
 

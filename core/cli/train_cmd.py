@@ -5,6 +5,7 @@ import dataclasses
 
 from .. import engine, jobs
 from ..datasets import load_dataset
+from ..errors import LabError
 from ..models import DEFAULT_TEACHER, get_spec
 from ..training import PRECISIONS, recipe_for
 from .common import add_data_args, float_range, human_bytes, int_range, print_json, progress_for
@@ -23,7 +24,9 @@ def register(sub):
                    help="bf16 autocast or plain fp32 (default: bf16 where the CPU/GPU runs it natively)")
     p.add_argument("--subset", type=int_range(0), default=0, help="train on this many images (0 = all)")
     p.add_argument("--seed", type=int_range(0), default=0)
-    p.add_argument("--pretrained", action="store_true", help="start from ImageNet weights when available")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from ImageNet weights, as the seed study did (downloaded once into torch's hub cache; "
+                        "offline they must be there already, or it stops with how to get them)")
     p.set_defaults(handler=run)
 
 
@@ -35,6 +38,11 @@ def run(args) -> int:
     cfg = dataclasses.replace(recipe_for(data, args.model, args.device), subset=args.subset, seed=args.seed,
                               **{k: v for k, v in chosen.items() if v is not None})
     cfg.validate()
+    if args.pretrained:   # offline without the weights: say so now, not after starting the workers
+        from ..teachers import TeacherSettings, pretrained_problem
+        problem = pretrained_problem(data, TeacherSettings(args.model, cfg, pretrained=True))
+        if problem:
+            raise LabError(problem)
     out = jobs.run("train", {"dataset": args.dataset, "data_root": args.data_root, "model": args.model,
                              "train": dataclasses.asdict(cfg), "pretrained": args.pretrained, "device": args.device},
                    progress=progress_for(args), address=args.ray_address, label=f"train {args.model} on {data.name}")
