@@ -135,3 +135,29 @@ def test_the_train_job_trains_a_new_teacher_when_the_folder_setting_changes(tmp_
     del meta["flip"]                                   # as teachers were cached before the setting
     side.write_text(json.dumps(meta))
     assert find_teacher(data, s) is None               # asked again, it is trained again, without flips
+
+
+def test_the_teacher_page_switches_flips_for_the_selected_folder(tmp_path, monkeypatch):
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.testing.v1 import AppTest
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):   # as in test_app: st.navigation wins over the pages/ folder
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+    monkeypatch.setattr(PagesManager, "__init__", init)
+    root = _digits_folder(tmp_path / "digits", n=2)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+    at.session_state["eval_size"] = 200
+    at.session_state["dataset"] = "folder"
+    at.session_state["folder_path"] = str(root)
+    at.run()
+    at.switch_page("pages/teacher.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    switch = at.toggle(key=f"teacher.flip.{root.resolve()}")
+    assert switch.value is False and not (root / "lab.json").exists()
+    switch.set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert json.loads((root / "lab.json").read_text()) == {"flip": True}
+    assert at.toggle(key=f"teacher.flip.{root.resolve()}").value is True
+    assert load_dataset(f"folder:{root}").flip is True
