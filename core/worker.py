@@ -41,12 +41,14 @@ class Warm:
         self.max_teachers = max_teachers
 
     def data(self, name: str, root: str | None = None):
-        from .datasets import load_dataset
+        from .datasets import load_dataset, with_folder_settings
         key = (os.environ.get("COMPRESSION_LAB_CACHE"), name, root)
         if key not in self.datasets:
             if len(self.datasets) >= 4:
                 self.datasets.pop(next(iter(self.datasets)))
             self.datasets[key] = load_dataset(name, root)
+        # a folder's lab.json as it is now (its flip setting), not as when this worker first loaded it
+        self.datasets[key] = with_folder_settings(self.datasets[key])
         return self.datasets[key]
 
     def teacher(self, data, model: str):
