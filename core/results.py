@@ -42,6 +42,7 @@ class ExperimentResult:
     cpu: str = ""                     # the CPU latency was timed on (hardware.cpu_id); "" in older rows
     engine: dict = field(default_factory=dict)   # where it ran: {"kind", "address", "node", "local"}
     target: str = "edge-cpu"          # the deployment target latency was measured for (core.targets)
+    layers: list = field(default_factory=list)   # one row per conv/linear layer (core.layers); [] in older rows
     created: float = field(default_factory=time.time)
     cached: bool = False
 
@@ -61,7 +62,7 @@ class ExperimentResult:
                "eval_images": self.eval_images, "seconds": self.seconds, "cached": self.cached,
                "key": self.key, "model_path": self.model_path, "runtime": self.runtime,
                "notes": self.notes, "history": self.history, "timings": self.timings, "cpu": self.cpu,
-               "engine": self.engine, "target": self.target}
+               "engine": self.engine, "target": self.target, "layers": self.layers}
         if self.technique == "distill" or self.scratch is not None:
             out["scratch"] = pick(self.scratch)
             out["scratch_history"] = self.scratch_history

@@ -122,6 +122,12 @@ def show_result(result, spec, teacher) -> None:
     if extra:
         with st.expander("Technique details"):
             st.json(extra, expanded=False)
+    if result.layers:
+        with st.expander("Layers"):
+            st.caption("Every conv/linear layer: parameters, MACs per image, channels kept, zero weights, weight "
+                       "bits and the relative L2 error of its weights against the teacher's (empty: not measurable).")
+            st.altair_chart(views.layers_chart(result.layers))
+            st.dataframe(views.layers_frame(result.layers), hide_index=True, width="stretch")
     _widgets.download_model(result, key=f"dl.{spec.name}.{result.key}")
 
 
