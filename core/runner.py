@@ -161,7 +161,7 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
         timings = {"teacher_s": time.perf_counter() - t0}
         device = cfg.device or settings.default_device()
         ctx = Context(teacher=teacher, data=data, params=cfg.params, device=device, progress=progress,
-                      eval_size=cfg.eval_size)
+                      eval_size=cfg.eval_size, target=cfg.target)
         t1 = time.perf_counter()
         baseline = baseline_metrics(teacher, data, cfg.eval_size, progress)
         timings["baseline_s"] = time.perf_counter() - t1
@@ -186,13 +186,15 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn = None,
         # the baseline's latency comes from this run, side by side with the compressed model
         baseline = dict(baseline, **baseline_latency)
         timings["evaluate_s"] = time.perf_counter() - t1
+        from .layers import result_layers   # the per-layer table: one shape pass, no images
+        layers = result_layers(out, teacher.model, cfg.technique)
         result = ExperimentResult(
             key=key, dataset=data.name, dataset_label=data.label, model=cfg.model, technique=cfg.technique,
             params=cfg.params, baseline=baseline, compressed=compressed, eval_images=compressed["eval_images"],
             seconds=time.perf_counter() - t0, timings=timings, history=out.history, scratch=out.scratch,
             scratch_history=out.scratch_history, model_path=str(path), teacher_path=str(teacher.path),
             runtime=out.runtime, notes=out.notes, cpu=hardware.cpu_id(), engine=dict(where or {}),
-            target=cfg.target)
+            target=cfg.target, layers=layers)
         store.add(result)
         emit(progress, stage=cfg.technique, kind="done")
         return result

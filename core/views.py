@@ -442,3 +442,109 @@ def diagram(technique: str) -> alt.Chart | None:
     """The Home page's picture of a technique; None for one that has none (it is optional)."""
     make = DIAGRAMS.get(technique)
     return make() if make else None
+
+
+# ----------------------------------------------------------------------------- pipelines
+PIPELINE_MEASURES = (("size_bytes", "file size (MB)", 2 ** 20), ("macs", "MACs (M)", 1e6),
+                     ("latency_ms_b1", "latency, batch 1 (ms)", 1.0), ("accuracy", "accuracy (%)", 0.01))
+
+
+def pipeline_frame(baseline: dict, steps: list[dict]) -> pd.DataFrame:
+    """One row per (stage, measure): the teacher, then the model after each step."""
+    stages = [("0 teacher", baseline)] + [(f"{i + 1} {s['technique']}", s["metrics"]) for i, s in enumerate(steps)]
+    rows = []
+    for label, m in stages:
+        for key, title, unit in PIPELINE_MEASURES:
+            v = (m or {}).get(key)
+            if isinstance(v, (int, float)) and v == v:
+                rows.append({"stage": label, "measure": title, "value": v / unit})
+    return pd.DataFrame(rows, columns=["stage", "measure", "value"])
+
+
+def pipeline_chart(baseline: dict, steps: list[dict], height: int = 160) -> alt.FacetChart:
+    """The waterfall: size, MACs, latency and accuracy after each step, one panel each."""
+    frame = pipeline_frame(baseline, steps)
+    base = alt.Chart(frame).encode(
+        x=alt.X("stage:N", sort=None, title=None, axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("value:Q", title=None),
+        tooltip=["stage", "measure", alt.Tooltip("value:Q", format=",.3~f")])
+    layered = alt.layer(base.mark_bar(color="#b279a2"), base.mark_text(dy=-6, fontSize=10).encode(
+        text=alt.Text("value:Q", format=",.3~g")))
+    return layered.properties(height=height, width=180).facet(
+        column=alt.Column("measure:N", title=None, sort=[t for _, t, _ in PIPELINE_MEASURES])
+    ).resolve_scale(y="independent")
+
+
+# ----------------------------------------------------------------------------- per-layer view
+LAYER_COLUMNS = ["name", "kind", "params", "macs", "channels", "channels_kept", "sparsity", "bits", "weight_error"]
+
+
+def layers_frame(layers: list[dict]) -> pd.DataFrame:
+    """A result's `layers` (core.layers) as a table, in model order; channels as "in → out"."""
+    frame = pd.DataFrame(layers, columns=LAYER_COLUMNS)
+    frame["channels"] = [f"{c[0]} → {c[1]}" if isinstance(c, (list, tuple)) and len(c) == 2 else "" for c in
+                         frame["channels"]]
+    return frame
+
+
+def layers_chart(layers: list[dict], height: int = 180) -> alt.VConcatChart:
+    """Parameters per layer coloured by weight bits (top); channels kept, sparsity and weight error per
+    layer (bottom). Layers in model order; the tooltip has every field."""
+    frame = layers_frame(layers)
+    frame["order"] = range(len(frame))
+    frame["bits"] = frame["bits"].map(lambda b: f"{b} bits" if b == b and b is not None else "?")
+    many = len(frame) > 40
+    x = alt.X("name:N", sort=alt.SortField("order"), title=None,
+              axis=alt.Axis(labels=not many, labelAngle=-60, labelLimit=120, ticks=not many))
+    width = min(900, max(320, 14 * len(frame)))   # a bar per layer: DenseNet-121 has 121
+    tooltip = ["name:N", "kind:N", alt.Tooltip("params:Q", format=","), alt.Tooltip("macs:Q", format=","),
+               "channels:N", alt.Tooltip("channels_kept:Q", format=".0%"), alt.Tooltip("sparsity:Q", format=".1%"),
+               "bits:N", alt.Tooltip("weight_error:Q", format=".3g")]
+    bits_order = sorted(frame["bits"].unique(), key=lambda b: int(b.split()[0]) if b[0].isdigit() else 99)
+    params = alt.Chart(frame, title="parameters per layer (colour: weight bits)").mark_bar().encode(
+        x=x, y=alt.Y("params:Q", title="parameters"),
+        color=alt.Color("bits:N", sort=bits_order, scale=alt.Scale(scheme="viridis"), title="weights"),
+        tooltip=tooltip).properties(height=height, width=width)
+    fractions = frame.melt(id_vars=["name", "order", "kind", "params", "macs", "channels", "bits"],
+                           value_vars=["channels_kept", "sparsity", "weight_error"], var_name="measure")
+    fractions = fractions.dropna(subset=["value"])
+    lines = alt.Chart(fractions, title="channels kept, sparsity and weight error (relative L2) per layer").mark_line(
+        point=True).encode(
+        x=x, y=alt.Y("value:Q", title="fraction", axis=alt.Axis(format="%")),
+        color=alt.Color("measure:N", scale=alt.Scale(domain=["channels_kept", "sparsity", "weight_error"],
+                                                     range=["#e45756", "#4c78a8", "#f58518"]), title=None),
+        tooltip=["name:N", "measure:N", alt.Tooltip("value:Q", format=".3g"), alt.Tooltip("params:Q", format=","),
+                 "channels:N", "bits:N"]).properties(height=height, width=width)
+    return alt.vconcat(params, lines).resolve_scale(color="independent")
+
+
+# ----------------------------------------------------------------------------- sensitivity scan (core.sensitivity)
+def sensitivity_frame(scan: dict) -> pd.DataFrame:
+    """One row per (layer, setting) of a sensitivity scan: layer, order, setting, accuracy, drop (points)."""
+    base = scan["baseline_accuracy"]
+    rows = []
+    for i, layer in enumerate(scan["layers"]):
+        for s in scan["settings"]:
+            label = f"{s:g}" if isinstance(s, float) else str(s)
+            acc = layer["accuracy"].get(label)
+            rows.append({"layer": layer["name"], "order": i, "setting": label, "accuracy": acc,
+                         "drop": None if acc is None else 100 * (base - acc), "params": layer.get("params"),
+                         "group": layer.get("group") or layer["name"]})
+    return pd.DataFrame(rows, columns=["layer", "order", "setting", "accuracy", "drop", "params", "group"])
+
+
+def sensitivity_heatmap(scan: dict, height_per_layer: int = 14) -> alt.Chart:
+    """Layer × setting heat map of the accuracy a scan measured (layers in model order, settings as scanned;
+    colour: points lost against the teacher; empty cells: not scannable, e.g. the classifier's outputs)."""
+    frame = sensitivity_frame(scan)
+    order = [f"{s:g}" if isinstance(s, float) else str(s) for s in scan["settings"]]
+    title = "bits" if scan.get("technique") == "quantize" else "fraction removed"
+    many = frame["layer"].nunique() > 60
+    return alt.Chart(frame.dropna(subset=["accuracy"])).mark_rect().encode(
+        x=alt.X("setting:O", sort=order, title=title),
+        y=alt.Y("layer:N", sort=alt.SortField("order"), title=None, axis=alt.Axis(labels=not many, labelLimit=220)),
+        color=alt.Color("drop:Q", title="points lost", scale=alt.Scale(scheme="reds", domainMin=0)),
+        tooltip=["layer:N", "setting:O", alt.Tooltip("accuracy:Q", format=".1%"),
+                 alt.Tooltip("drop:Q", format=".1f", title="points lost"), alt.Tooltip("params:Q", format=","),
+                 "group:N"],
+    ).properties(height=max(160, height_per_layer * frame["layer"].nunique()), width=min(600, 60 * len(order)))

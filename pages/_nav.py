@@ -9,11 +9,12 @@ from core.techniques import get_technique, technique_names
 
 
 def technique_page(name: str) -> st.Page:
-    """The page of one technique: a callable page at the spec's URL, rendered by pages/_technique.py."""
-    from pages import _technique
+    """The page of one technique: a callable page at the spec's URL, rendered by pages/_technique.py or by
+    the module its spec names (`page`)."""
+    import importlib
     spec = get_technique(name)
-    return st.Page(functools.partial(_technique.render, name), title=spec.title, icon=spec.icon,
-                   url_path=spec.page_url)
+    view = importlib.import_module(spec.page or "pages._technique")
+    return st.Page(functools.partial(view.render, name), title=spec.title, icon=spec.icon, url_path=spec.page_url)
 
 
 def technique_pages() -> list[st.Page]:

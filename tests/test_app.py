@@ -376,3 +376,19 @@ def test_compare_shows_the_sidebar_targets_runs_and_the_others_on_request(teache
         assert set(at.dataframe[0].value["target"]) == {"edge-cpu", "cpu-server"}
     finally:
         store.delete(server.key)
+
+
+def test_pipeline_page_adds_a_step_runs_and_draws_every_step(teacher):
+    at = visit(new_app(), "pipeline")
+    assert at.session_state["pipeline.steps"] == ["prune:ratio=0.5", "quantize:bits=4"]
+    at.button(key="pipeline.remove.1").click().run()         # drop the default quantize step
+    assert at.session_state["pipeline.steps"] == ["prune:ratio=0.5"]
+    at.selectbox(key="pipeline.add.kind").select("quantize").run()
+    at.slider(key="pipeline.add.quantize.bits").set_value(6).run()
+    at.button(key="pipeline.add").click().run()
+    assert at.session_state["pipeline.steps"] == ["prune:ratio=0.5", "quantize:bits=6"]
+    at.button(key="pipeline.run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "After each step" in [s.value for s in at.subheader]
+    assert "2 steps, 0 served from the cache" in texts(at)
+    assert any(b.label == "Download the compressed file" for b in at.get("download_button"))

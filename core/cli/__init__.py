@@ -13,6 +13,8 @@ from ..errors import LabError
 from . import classroom_cmd, compress_cmd, info_cmd, prepare_cmd, runs_cmd, sweep_cmd, train_cmd
 
 COMMANDS = [info_cmd, train_cmd, prepare_cmd, compress_cmd, sweep_cmd, classroom_cmd, runs_cmd]
+from . import pipeline_cmd  # noqa: E402
+COMMANDS.append(pipeline_cmd)
 
 
 class OneLineParser(argparse.ArgumentParser):

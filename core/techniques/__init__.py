@@ -27,7 +27,7 @@ def technique_names() -> list[str]:
 
 
 # the built-in technique modules, in the order the app and the CLI list them: a new technique adds its line
-BUILTIN = ("pruning", "quantization", "distillation")
+BUILTIN = ("pruning", "quantization", "distillation", "pipeline")
 
 
 def _load_builtin():

@@ -78,6 +78,7 @@ class Context:
     device: str = "cpu"
     progress: ProgressFn = None
     eval_size: int = 1000
+    target: str = "edge-cpu"        # where latency is timed (core.targets): a pipeline times each step there
 
 
 def run_checkpoint(kind: str, teacher, data, params: dict, train_key: dict, version: int):
@@ -126,6 +127,13 @@ class TechniqueSpec:
     # a stored trained model measured on another evaluation size: redo what depends on it (distillation's
     # from-scratch twin is measured on the same images)
     refresh: Optional[Callable[["TechniqueOutput", Context], "TechniqueOutput"]] = None
+    # in a pipeline: steps run in increasing stage (prune 0, distill 1, quantize 2); None: not a step. A step
+    # starts from the model so far, given to apply() as ctx.teacher, unless the spec has continue_from
+    # (distillation: the original teacher teaches the model so far)
+    pipeline_stage: Optional[int] = None
+    continue_from: Optional[Callable[[Context, nn.Module, str], "TechniqueOutput"]] = None
+    page: str = ""                   # a pages module with render(name) for its own page (default: the generic one)
+    trains_if: Optional[Callable[[dict], bool]] = None   # overrides trains() (a pipeline trains if a step does)
     # how the app, the CLI and the sweep present it: the registry is their only list of techniques
     url: str = ""                    # the app page's URL path (default: the name)
     icon: str = ":material/tune:"    # Material icon of its page and links
@@ -152,6 +160,8 @@ class TechniqueSpec:
     def trains(self, params: dict) -> bool:
         """Whether these settings train (fine-tuning, distillation): minutes, not seconds (the long lane).
         Epochs that the chosen mode ignores (quantize's qat_epochs outside int8) validate to 0."""
+        if self.trains_if is not None:
+            return self.trains_if(params)
         try:
             params = self.validate(params)
         except LabError:

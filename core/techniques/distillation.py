@@ -201,8 +201,11 @@ def scratch_student(data, student: str, cfg: TrainConfig, *, eval_size: int = 10
 
 
 def distill_student(teacher, data, params: dict, *, device: str = "cpu", progress: ProgressFn = None,
-                    eval_size: int = 1000, augment: bool = KD_AUGMENT) -> tuple[nn.Module, list, int]:
-    """Train a KD student (validated params); returns (model on CPU, history, logits computed now)."""
+                    eval_size: int = 1000, augment: bool = KD_AUGMENT, start: nn.Module | None = None,
+                    start_key: str | None = None) -> tuple[nn.Module, list, int]:
+    """Train a KD student (validated params); returns (model on CPU, history, logits computed now).
+
+    `start` (a pipeline's model so far, identified by `start_key`) is distilled into instead of a new student."""
     cfg = _train_config(params, augment, device)
     logits, computed = teacher_logits(teacher, data, training_indices(data, cfg), device, progress)
     logits = logits.to(device)
@@ -211,9 +214,14 @@ def distill_student(teacher, data, params: dict, *, device: str = "cpu", progres
     def loss_fn(student_out, targets, sample_indices):
         return kd_loss(student_out, logits[sample_indices.to(device)], targets, t, a)
 
-    model = _new_student(params["student"], data.num_classes, cfg.seed)
-    partial = _kd_checkpoint(teacher, data, params, cfg)
-    history = resumable_fit(model, data, cfg, partial, what=f"the distilled {params['student']}", device=device,
+    if start is None:
+        model = _new_student(params["student"], data.num_classes, cfg.seed)
+        partial = _kd_checkpoint(teacher, data, params, cfg)
+    else:
+        model = copy.deepcopy(start).train()
+        partial = _kd_checkpoint(teacher, data, dict(params, student=None, start=start_key), cfg)
+    what = f"the distilled {params['student']}" if start is None else "the model so far, distilled"
+    history = resumable_fit(model, data, cfg, partial, what=what, device=device,
                             loss_fn=loss_fn, progress=progress, stage="distill", eval_size=eval_size)
     partial.unlink(missing_ok=True)
     return _to_shipping(model), history, computed
@@ -247,6 +255,16 @@ def _load(state: dict, ctx: Context) -> nn.Module:
     return load_student(state, ctx)
 
 
+def continue_from(ctx: Context, model: nn.Module, key: str) -> TechniqueOutput:
+    """A pipeline step: distil the original teacher (ctx.teacher) into `model`, the pipeline's model so far."""
+    student, history, computed = distill_student(ctx.teacher, ctx.data, ctx.params, device=ctx.device,
+                                                 progress=ctx.progress, eval_size=ctx.eval_size, start=model,
+                                                 start_key=key)
+    return TechniqueOutput(model=student, state={"state_dict": student.state_dict()}, history=history,
+                           extra={"temperature": ctx.params["temperature"], "alpha": ctx.params["alpha"],
+                                  "teacher_logits_computed": computed})
+
+
 def refresh(out: TechniqueOutput, ctx: Context) -> TechniqueOutput:
     """A stored distilled student measured on another evaluation size: its twin is measured there too."""
     p = ctx.params
@@ -278,6 +296,7 @@ SPEC = register(TechniqueSpec(
     apply=apply,
     load=_load,
     refresh=refresh,
+    pipeline_stage=1, continue_from=continue_from,
     url="distillation", icon=":material/science:", color="#54a24b", history_series="distill",
     sweep_grid=({"student": "resnet8", "temperature": 4.0, "alpha": 0.9, "epochs": 5},),
     version=3,   # 2: KD student inputs no longer augmented; 3: students train in bf16 where supported

@@ -365,7 +365,7 @@ SPEC = register(TechniqueSpec(
              "zeros that only shrink the file once it is compressed or stored sparsely). "
              "A short fine-tuning afterwards wins back most of the lost accuracy."),
     params=PARAMS, apply=apply, load=load, check=check,
-    url="pruning", icon=":material/content_cut:", color="#e45756",
+    url="pruning", icon=":material/content_cut:", color="#e45756", pipeline_stage=0,
     sweep_grid=({"method": "unstructured", "ratio": 0.5},
                 {"method": "structured", "ratio": 0.3, "finetune_epochs": 1},
                 {"method": "structured", "ratio": 0.5, "finetune_epochs": 1}),

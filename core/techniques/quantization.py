@@ -429,7 +429,7 @@ SPEC = register(TechniqueSpec(
     load=load,
     check=_normalise,
     machine_params=_machine_params,
-    url="quantization", icon=":material/filter_9_plus:", color="#4c78a8",
+    url="quantization", icon=":material/filter_9_plus:", color="#4c78a8", pipeline_stage=2,
     sweep_grid=({"mode": "int8"}, {"mode": "fake", "bits": 8}, {"mode": "fake", "bits": 4}, {"mode": "fp16"}),
     # 2: int8 files store batch norms as scale and shift (since 9: as int8 depthwise convolutions);
     # 3: DenseNets exported as a running concatenation (onnx_export._RunningConcatDenseBlock);
