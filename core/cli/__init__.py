@@ -11,8 +11,10 @@ import warnings
 
 from ..errors import LabError
 from . import classroom_cmd, compress_cmd, info_cmd, prepare_cmd, runs_cmd, sweep_cmd, train_cmd
+from . import export_cmd
 
 COMMANDS = [info_cmd, train_cmd, prepare_cmd, compress_cmd, sweep_cmd, classroom_cmd, runs_cmd]
+COMMANDS.append(export_cmd)
 from . import pipeline_cmd  # noqa: E402
 COMMANDS.append(pipeline_cmd)
 
