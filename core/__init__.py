@@ -4,6 +4,8 @@ No Streamlit here: the app's pages, the CLI (`python -m core`) and the tests all
 """
 import os as _os
 
+__version__ = "0.9.0"   # model cards and exports record it (core.export.lab_version)
+
 # OpenMP threads sleep instead of spinning while they wait: with other programs on the cores,
 # spinning made 2-thread training 5x slower here (docs/teachers.md). Only applies if torch is
 # not imported yet; set OMP_WAIT_POLICY=ACTIVE to opt out.
