@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 from .errors import LabError
@@ -106,6 +107,23 @@ def baseline_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
         raise LabError(f"no cached {payload['model']} teacher for {data.label}; train one first")
     return baseline_metrics(teacher, data, int(payload.get("eval_size", 1000)), progress,
                             latency=bool(payload.get("latency", True)), target=payload.get("target") or "edge-cpu")
+
+
+@kind("export")
+def export_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
+    """A stored run or teacher in every format that runs without the lab, with its card, as one zip."""
+    import io
+    import tempfile
+    import zipfile
+    from .export import export, find_run
+    with tempfile.TemporaryDirectory(prefix="lab-export-") as tmp:
+        out = export(find_run(payload["run"]), payload.get("formats", "all"), tmp)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file():
+                    z.write(path, path.relative_to(tmp))
+    return {"zip": buf.getvalue(), "files": sorted(out.get("files", {})), "skipped": out.get("skipped", {})}
 
 
 @kind("estimate")

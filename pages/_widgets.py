@@ -98,12 +98,24 @@ def download_model(result, key: str) -> None:
     st.download_button(f"Download the compressed model ({views.fmt_bytes(path.stat().st_size)})",
                        data=functools.partial(path.read_bytes), file_name=name, mime="application/octet-stream", key=key,
                        icon=":material/download:", on_click="ignore")
+    st.download_button("Download for deployment (ONNX, torch.export, state dict and model card; zip)",
+                       data=functools.partial(_export_zip, result.key), file_name=name[:-3] + "-export.zip",
+                       mime="application/zip", key=f"{key}.export", icon=":material/deployed_code:",
+                       on_click="ignore", help="files that run without the lab, the normalization inside; "
+                                               "see docs/export.md")
     if result.technique == "quantize" and (result.params or {}).get("mode") == "int8":
         from core.predict import stored_onnx
         st.download_button("Download as ONNX (int8, runs in ONNX Runtime)",
                            data=functools.partial(lambda r: stored_onnx(r) or b"", result),
                            file_name=name[:-3] + ".onnx", mime="application/octet-stream", key=f"{key}.onnx",
                            icon=":material/download:", on_click="ignore")
+
+
+def _export_zip(run_key: str) -> bytes:
+    """Made in a worker when the button is clicked (an export takes seconds: not in the server process)."""
+    from pages._jobs import lab, owner
+    job = lab().submit("export", {"run": run_key}, owner=owner(), label=f"export {run_key[:8]}")
+    return job.follow(timeout=300)["zip"]
 
 
 def pick_result(data, key: str, label: str = "Compressed model"):

@@ -331,3 +331,14 @@ def test_all_writes_what_a_result_can_take_and_names_the_rest(runs, tmp_path, mo
     assert json.loads(open(line["files"]["card"]).read())["skipped"] == line["skipped"]
     _refused(["export", "--run", key, "--format", "pt2", "--out", str(tmp_path / "pt2")], "cannot be traced")
     assert not (tmp_path / "pt2").exists()
+
+
+def test_the_app_gets_a_zip_of_every_format_from_a_worker(runs):
+    """The download button's export runs as a job (not in the server process) and returns one zip."""
+    import io
+    import zipfile
+    from core import jobs
+    out = jobs.run("export", {"run": runs[1]["prune"].key}, owner="test", label="export")
+    names = zipfile.ZipFile(io.BytesIO(out["zip"])).namelist()
+    assert any(n.endswith(".onnx") for n in names) and any(n.endswith(".pt2") for n in names)
+    assert any(n.endswith(".card.json") or "card" in n for n in names) and not out["skipped"]
