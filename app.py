@@ -21,6 +21,7 @@ PAGES = {
     "Compress": _nav.technique_pages(),   # one page per registered technique
     "Inspect": [st.Page("pages/predictions.py", title="Predictions", icon=":material/grid_view:"),
                 st.Page("pages/try_image.py", title="Try an image", icon=":material/upload:"),
+                st.Page("pages/layers.py", title="Layers", icon=":material/layers:"),
                 st.Page("pages/compare.py", title="Compare", icon=":material/scatter_plot:")],
 }
 

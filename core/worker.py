@@ -142,6 +142,18 @@ def estimate_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
         torch.set_num_threads(threads)
 
 
+@kind("sensitivity")
+def sensitivity_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
+    """The per-layer sensitivity scan of the cached teacher (core.sensitivity), served from its cache when made."""
+    from .sensitivity import DEFAULT_EVAL_SIZE, scan
+    data = warm.data(payload["dataset"], payload.get("data_root"))
+    teacher = warm.teacher(data, payload["model"])
+    if teacher is None:
+        raise LabError(f"no cached {payload['model']} teacher for {data.label}; train one first")
+    return scan(teacher, data, payload["technique"], payload.get("method"), payload.get("settings"),
+                int(payload.get("eval_size", DEFAULT_EVAL_SIZE)), progress)
+
+
 @kind("sleep")
 def sleep_job(payload: dict, warm: Warm, progress, where: dict) -> dict:
     """A job that only waits, emitting progress: the job layer's own tests and classroom-check's probes."""
