@@ -17,6 +17,8 @@ COMMANDS = [info_cmd, train_cmd, prepare_cmd, compress_cmd, sweep_cmd, classroom
 COMMANDS.append(export_cmd)
 from . import pipeline_cmd  # noqa: E402
 COMMANDS.append(pipeline_cmd)
+from . import sensitivity_cmd; COMMANDS.append(sensitivity_cmd)  # noqa: E402,E702
+from . import evaluate_cmd; COMMANDS.append(evaluate_cmd)  # noqa: E402,E702
 
 
 class OneLineParser(argparse.ArgumentParser):
