@@ -45,7 +45,7 @@ def _threads(target: Target, batch_size: int) -> int:
 def _on_target(model, target: Target, dtype: torch.dtype):
     """(model, input dtype) as the target runs it: a copy on the GPU (in half precision where the target
     asks) for GPU targets; CPU targets and ONNX Runtime models stay as they are."""
-    if target.device == "cpu" or not isinstance(model, nn.Module):
+    if target.device == "cpu" or not isinstance(model, nn.Module) or hasattr(model, "onnx_bytes"):
         return model, dtype
     half = target.half_dtype()
     moved = copy.deepcopy(model).to(target.device)
@@ -56,7 +56,7 @@ def _on_target(model, target: Target, dtype: torch.dtype):
 
 def time_batch(model, base, batch_size: int, target: Target, dtype: torch.dtype = torch.float32):
     """(baseline Latency or None, model Latency) at one batch size; batch 1 gets a real p95 from single calls."""
-    device = target.device if isinstance(model, nn.Module) else "cpu"
+    device = "cpu" if not isinstance(model, nn.Module) or hasattr(model, "onnx_bytes") else target.device
     model, mdtype = _on_target(model, target, dtype)
     threads = _threads(target, batch_size)
     x = metrics.latency_input(batch_size, device != "mps").to(device=device, dtype=mdtype)
@@ -94,7 +94,7 @@ def evaluate_output(out, data, eval_size: int, baseline_model=None,
     ratio is honest even on a busy machine; returns (compressed metrics, baseline latency fields).
     """
     tgt = get_target(target)
-    if tgt.device != "cpu" and not isinstance(out.model, nn.Module):   # an ONNX Runtime model
+    if tgt.device != "cpu" and (not isinstance(out.model, nn.Module) or hasattr(out.model, "onnx_bytes")):  # ORT
         out.notes.append(INT8_CPU_ONLY.format(target=tgt.name))
         tgt = get_target("cpu-server")
     x, y = data.eval_split(eval_size)

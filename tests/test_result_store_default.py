@@ -1,5 +1,7 @@
 """One ResultStore per process: the store at `<cache>/results.sqlite` is opened (WAL pragma, schema script)
 once and reused by the pages and core's defaults, and opened again only when the cache moves."""
+import sys
+
 from streamlit.testing.v1 import AppTest
 
 from core import predict, runner
@@ -53,6 +55,8 @@ def _page_asking_for_the_store_three_times():
 def test_page_reruns_open_the_store_once(tmp_path, monkeypatch):
     opened = _count_opens(monkeypatch)
     monkeypatch.setenv("COMPRESSION_LAB_CACHE", str(tmp_path))
+    # AppTest.from_function leaves its script as sys.modules["__main__"]: later spawned processes would run it
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     at = AppTest.from_function(_page_asking_for_the_store_three_times).run()
     at.run()
     assert not at.exception and opened == [tmp_path / "results.sqlite"]

@@ -83,6 +83,11 @@ def trains(params: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- running
+def _is_onnx(model) -> bool:
+    return hasattr(model, "onnx_bytes")   # an OrtModule (an nn.Module too, but not one torch can count)
+
+
+
 def pipeline_dir() -> Path:
     return settings.cache_dir() / "pipelines"
 
@@ -115,7 +120,7 @@ def _step_metrics(model, data, eval_size: int, target: str, path: Path, counts: 
     except (OSError, ValueError):
         pass
     x, y = data.eval_split(eval_size)
-    module = isinstance(model, nn.Module)
+    module = not _is_onnx(model)
     logits = predict(model, data, x, "cpu", torch.float32)
     m = {"accuracy": metrics.accuracy(logits, y), "size_bytes": path.stat().st_size, "eval_images": len(y),
          "params": metrics.count_params(model) if module else counts.get("params"),
@@ -164,7 +169,7 @@ def apply(ctx: Context) -> TechniqueOutput:
             loaded = _read(path)   # the pipeline goes on from the file's model: what is measured is what is stored
         model, header = loaded
         step = (header.get("meta") or {}).get("step") or {}
-        if isinstance(model, nn.Module):
+        if not _is_onnx(model):
             counts = {"params": metrics.count_params(model), "nonzero_params": metrics.count_nonzero_params(model),
                       "macs": metrics.count_macs(model)}
         history += [dict(h, step=i + 1) for h in step.get("history", [])]
@@ -172,7 +177,7 @@ def apply(ctx: Context) -> TechniqueOutput:
         m = _step_metrics(model, data, ctx.eval_size, target, path, counts)
         rows.append({"technique": name, "params": params, "metrics": m, "cached": cached,
                      "file": str(path), "seconds": round(time.perf_counter() - t0, 3)})
-    onnx = not isinstance(model, nn.Module)
+    onnx = _is_onnx(model)
     size = path.stat().st_size
     baseline = None
     if onnx:   # int8 is timed beside the teacher's ONNX Runtime twin, like a plain int8 result
