@@ -61,6 +61,10 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_json(obj, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True, default=str).encode()))
 

@@ -40,10 +40,8 @@ from __future__ import annotations
 import json
 import lzma
 import math
-import os
 import struct
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -123,23 +121,9 @@ def encode(model: nn.Module, arch: str, num_classes: int, meta: dict, bits: dict
 def write(path, model: nn.Module, arch: str, num_classes: int, meta: dict, bits: dict[str, int] | None = None,
           compressor: str = DEFAULT_COMPRESSOR) -> int:
     """encode() to `path` atomically (a temp file in the same folder, then os.replace); the bytes on disk."""
-    data = encode(model, arch, num_classes, meta, bits, compressor)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path.stat().st_size
+    from . import cache
+    cache.atomic_write_bytes(encode(model, arch, num_classes, meta, bits, compressor), Path(path))
+    return Path(path).stat().st_size
 
 
 def decode(data: bytes, where: str = "packfile") -> tuple[nn.Module, dict]:
@@ -368,6 +352,7 @@ def find_grid(w: torch.Tensor, axis: int = 0, only: int | None = None):
     for b, per_channel in _likely_grids(rows_pt, rows_pc, widths):
         ok, codes, scale = _fits(rows_pc if per_channel else rows_pt, b)
         if ok:
+            from .techniques.quant_fake import _restore
             return b, per_channel, axis, _restore(codes, w, axis, per_channel), scale
     return None
 
@@ -441,14 +426,6 @@ def _nudge(x: torch.Tensor, steps: int) -> torch.Tensor:
         return x
     bits = x.contiguous().view(torch.int32) + steps
     return bits.view(torch.float32)
-
-
-def _restore(codes2d: torch.Tensor, w: torch.Tensor, axis: int, per_channel: bool) -> torch.Tensor:
-    if not per_channel:
-        return codes2d.reshape(w.shape)
-    shape = list(w.shape)
-    moved = [shape[axis]] + shape[:axis] + shape[axis + 1:]
-    return codes2d.reshape(moved).movedim(0, axis)
 
 
 # ----------------------------------------------------------------------------- compression
