@@ -56,7 +56,12 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """The module tree with every parameter and buffer replaced by a same-shaped tensor on the meta device:
     a forward pass gives shapes without arithmetic and leaves `model` (maybe a shared teacher) untouched."""
     memo = {id(t): torch.empty_like(t, device="meta") for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo).eval()
+    shadow = copy.deepcopy(model, memo).eval()
+    for m in shadow.modules():   # e.g. activation rounding's hooks: traces are shared by every model of this shape
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    shadow.__dict__.pop("_activation_quantizer", None)
+    return shadow
 
 
 def _weight_dtype(model: nn.Module) -> torch.dtype:
