@@ -78,6 +78,7 @@ def print_scan(r: dict) -> None:
     width = max(len(layer["name"]) for layer in r["layers"]) if r["layers"] else 10
     print(f"  {'layer':<{width}} {'params':>10}  " + " ".join(f"{lab:>6}" for lab in labels) + f"   ({unit})")
     for layer in r["layers"]:
-        cells = " ".join(f"{a:6.3f}" if a is not None else f"{'-':>6}" for a in layer["accuracy"].values())
+        accs = [layer["accuracy"].get(lab) for lab in labels]   # the stored JSON's keys are sorted
+        cells = " ".join(f"{a:6.3f}" if a is not None else f"{'-':>6}" for a in accs)
         print(f"  {layer['name']:<{width}} {layer['params']:>10,}  {cells}")
     print(f"  most fragile (accuracy lost, averaged over the settings): {', '.join(r['fragile'][:8])}")

@@ -51,10 +51,22 @@ PARAMS = [
     ParamSpec("finetune_subset", "int", 0, 0, 1_000_000, step=500,
               help="training images used for fine-tuning (0 = all)"),
     ParamSpec("finetune_lr", "float", 0.01, 1e-5, 1.0, step=0.005, help="peak learning rate of fine-tuning"),
+    ParamSpec("allocation", "choice", "uniform", choices=("uniform", "sensitivity"),
+              help="uniform: every layer loses `ratio`; sensitivity: per-layer ratios chosen from the sensitivity "
+                   "scan (core/sensitivity.py, on 500 training images) for the same total: the MACs of uniform "
+                   "structured pruning (within 3%), or the weights uniform unstructured pruning zeroes; "
+                   "docs/sensitivity.md"),
 ]
 
 
 def check(p: dict) -> None:
+    if p.get("allocation", "uniform") == "uniform":
+        p.pop("allocation", None)   # absent when uniform: every result key made before allocation existed holds
+    elif p["scope"] != "layer":
+        raise InvalidParameter("scope", p["scope"], "layer with allocation=sensitivity (the scan sets each layer's ratio)")
+    elif p["ratio"] > STRUCTURED_MAX_RATIO:
+        raise InvalidParameter("ratio", p["ratio"], f"a number from 0.0 to {STRUCTURED_MAX_RATIO} with "
+                                                    "allocation=sensitivity (the scan's largest ratio)")
     if p["method"] == "unstructured":
         p["channel_multiple"] = 8   # no channel is removed: one cache entry whatever it says
     if p["method"] == "structured" and p["ratio"] > STRUCTURED_MAX_RATIO:
@@ -115,9 +127,11 @@ def _importance(name: str):
 
 
 def structured_prune(model: nn.Module, ratio: float, scope: str = "layer",
-                     importance: str = "magnitude", progress=None, channel_multiple: int = 1) -> nn.Module:
+                     importance: str = "magnitude", progress=None, channel_multiple: int = 1,
+                     ratios: dict | None = None) -> nn.Module:
     """Remove `ratio` of the channels of every prunable group in place (the output layer is kept), each
-    layer keeping a multiple of `channel_multiple` channels."""
+    layer keeping a multiple of `channel_multiple` channels; `ratios` ({module: ratio}, torch-pruning's
+    pruning_ratio_dict) gives the group of each listed module its own ratio."""
     if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                             for m in model.modules()):
         raise InvalidParameter("importance", importance,
@@ -128,19 +142,19 @@ def structured_prune(model: nn.Module, ratio: float, scope: str = "layer",
     # (DenseNet-121 on a busy 2-core machine: 86 s with 2 threads, 23 s with 1)
     torch.set_num_threads(1)
     try:
-        _structured_step(model, ratio, scope, importance, progress, channel_multiple)
+        _structured_step(model, ratio, scope, importance, progress, channel_multiple, ratios)
     finally:
         torch.set_num_threads(threads)
     return model.eval()
 
 
-def _structured_step(model, ratio, scope, importance, progress, channel_multiple=1):
+def _structured_step(model, ratio, scope, importance, progress, channel_multiple=1, ratios=None):
     example = torch.zeros(EXAMPLE_INPUT)
     emit(progress, stage="prune", kind="message", message="tracing the dependency graph")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = _nearest_multiple_pruner()(
-            model, example, importance=_importance(importance), pruning_ratio=ratio,
+            model, example, importance=_importance(importance), pruning_ratio=ratio, pruning_ratio_dict=ratios,
             global_pruning=(scope == "global"),
             # global ranking may empty a layer it finds unimportant; keep at least 10% of each
             max_pruning_ratio=max(ratio, STRUCTURED_MAX_RATIO),
@@ -212,9 +226,12 @@ def keep_mask(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return keep.to(scores.dtype).view_as(scores)
 
 
-def _unstructured_masks(model: nn.Module, ratio: float, scope: str, importance: str) -> None:
-    """Attach torch.nn.utils.prune masks (weight = weight_orig * weight_mask) to conv/linear weights."""
-    layers = [m for _, m in prunable_layers(model)]
+def _unstructured_masks(model: nn.Module, ratio: float, scope: str, importance: str,
+                        ratios: dict[str, float] | None = None) -> None:
+    """Attach torch.nn.utils.prune masks (weight = weight_orig * weight_mask) to conv/linear weights;
+    `ratios` ({layer name: ratio}) gives listed layers their own ratio (scope layer)."""
+    named = prunable_layers(model)
+    layers = [m for _, m in named]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         scores = [torch.rand(m.weight.shape, generator=gen) if importance == "random" else m.weight.abs()
@@ -224,7 +241,7 @@ def _unstructured_masks(model: nn.Module, ratio: float, scope: str, importance: 
             keep = keep_mask(flat, round(ratio * flat.numel())).split([s.numel() for s in scores])
             masks = [k.view_as(s) for k, s in zip(keep, scores)]
         else:
-            masks = [keep_mask(s, round(ratio * s.numel())) for s in scores]
+            masks = [keep_mask(s, round((ratios or {}).get(n, ratio) * s.numel())) for (n, _), s in zip(named, scores)]
     for m, mask in zip(layers, masks):
         tprune.custom_from_mask(m, "weight", mask.to(m.weight.dtype))
 
@@ -260,8 +277,10 @@ def apply(ctx: Context) -> TechniqueOutput:
     notes: list[str] = []
     corrected = 0
     if p["method"] == "structured":
+        ratios, allocation, info = (_sensitivity_ratios(model, ctx, p) if p.get("allocation") == "sensitivity"
+                                    else (None, None, {}))
         saved = _tag_channels(model) if p["bn_correction"] else {}
-        structured_prune(model, p["ratio"], p["scope"], p["importance"], ctx.progress, p["channel_multiple"])
+        structured_prune(model, p["ratio"], p["scope"], p["importance"], ctx.progress, p["channel_multiple"], ratios)
         if p["bn_correction"]:
             corrected = bn_correction.correct_against_teacher(model, ctx, _kept_channels_per_bn(model, saved))
         history = _finetune(model, ctx, p)
@@ -275,7 +294,9 @@ def apply(ctx: Context) -> TechniqueOutput:
                          "(e.g. batch-norm scales of an untrained model are all 1)")
     else:
         emit(ctx.progress, stage="prune", kind="message", message=f"zeroing {p['ratio']:.0%} of the weights")
-        _unstructured_masks(model, p["ratio"], p["scope"], p["importance"])
+        ratios, allocation, info = (_sensitivity_weight_ratios(model, ctx, p) if p.get("allocation") == "sensitivity"
+                                    else (None, None, {}))
+        _unstructured_masks(model, p["ratio"], p["scope"], p["importance"], ratios)
         if p["bn_correction"]:
             corrected = bn_correction.correct_against_teacher(model, ctx)
         history = _finetune(model, ctx, p)   # the masks stay on, so pruned weights stay zero
@@ -289,11 +310,57 @@ def apply(ctx: Context) -> TechniqueOutput:
         notes.append("unstructured pruning only writes zeros: the dense file and the latency do not change; "
                      "extra.sparse_bitmask_bytes is what a sparse format (1-bit mask + fp32 nonzero values) takes")
     extra["corrected_batch_norms"] = corrected
+    if allocation is not None:   # {layer: fraction removed} chosen from the sensitivity scan
+        extra["allocation"] = allocation
+        extra.update(info)
+        notes.append("allocation=sensitivity: each layer's ratio was chosen from the sensitivity scan (500 training "
+                     "images) for the same total as uniform pruning at this ratio; extra.allocation lists them")
     # the file sizes of unstructured pruning are measured once, here, and reused by the runner
     sizes = ({"size_bytes": extra["dense_bytes"], "gzip_bytes": extra["gzip_bytes"], "file_bytes": extra["dense_bytes"]}
              if "gzip_bytes" in extra else {})
     return TechniqueOutput(model=model, state=state, history=history, extra=extra, notes=notes,
                            time_deployed=p["method"] == "structured", **sizes)
+
+
+def _sensitivity_ratios(model: nn.Module, ctx: Context, p: dict) -> tuple[dict, dict, dict]:
+    """Structured allocation=sensitivity: ({module of `model`: ratio} for torch-pruning's pruning_ratio_dict,
+    {layer: fraction of its output channels removed}, what was targeted) meeting uniform pruning's MACs at
+    p["ratio"]."""
+    from .. import sensitivity
+    scan = sensitivity.allocation_scan(ctx.teacher, ctx.data, "prune", "structured", ctx.progress)
+    emit(ctx.progress, stage="prune", kind="message", message="choosing each layer's ratio from the sensitivity scan")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the dependency graph: thousands of tiny tensor ops (see structured_prune)
+    try:
+        plan = sensitivity.StructuredPlan(model)
+    finally:
+        torch.set_num_threads(threads)
+    kept, macs = sensitivity.allocate_structured(scan, plan, p["ratio"], p["channel_multiple"], STRUCTURED_MAX_RATIO)
+    ratios = {plan.modules[g]: sensitivity.ratio_for_kept(plan.channels[g], k) for g, k in kept.items()}
+    layers = {}
+    for g, k in kept.items():
+        for name in plan.members[g]:
+            layers[name] = round(1 - k / plan.channels[g], 4)
+    for name, _ in prunable_layers(model):
+        layers.setdefault(name, 0.0)   # the classifier: its outputs are the classes
+    info = {"allocation_target": {"macs_uniform": int(macs["target_macs"]), "macs": int(macs["macs"]),
+                                  "measure": "conv/linear MACs"}, "allocation_scan": scan.get("key")}
+    return ratios, {name: layers[name] for name, _ in prunable_layers(model)}, info
+
+
+def _sensitivity_weight_ratios(model: nn.Module, ctx: Context, p: dict) -> tuple[dict, dict, dict]:
+    """Unstructured allocation=sensitivity: {layer: fraction of its weights zeroed} (twice: for the masks and
+    for extra), as many weights in all as uniform pruning at p["ratio"] zeroes (at least, and as few more as
+    the layer sizes allow), and what was targeted."""
+    from .. import sensitivity
+    scan = sensitivity.allocation_scan(ctx.teacher, ctx.data, "prune", "unstructured", ctx.progress)
+    sizes = {n: m.weight.numel() for n, m in prunable_layers(model)}
+    ratios = sensitivity.allocate_unstructured(scan, p["ratio"], sizes)
+    zeroed = sum(round(ratios[n] * sizes[n]) for n in sizes)
+    info = {"allocation_target": {"zeroed_uniform": sum(round(p["ratio"] * v) for v in sizes.values()),
+                                  "zeroed": zeroed, "measure": "conv/linear weights zeroed"},
+            "allocation_scan": scan.get("key")}
+    return ratios, dict(ratios), info
 
 
 def _state(arch: str, num_classes: int, p: dict, state_dict: dict) -> dict:

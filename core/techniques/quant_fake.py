@@ -220,20 +220,24 @@ def calibrate(model: nn.Module, images: torch.Tensor, quantizer: ActivationQuant
 
 
 # ----------------------------------------------------------------------------- whole model
-def fake_quantize_weights(model: nn.Module, bits: int, per_channel: bool) -> dict:
-    """Replace conv/linear weights in place by their quantized values; return the packed record."""
-    names, shapes, axes, packed, scales = [], [], [], [], []
+def fake_quantize_weights(model: nn.Module, bits: int, per_channel: bool, layer_bits: dict | None = None) -> dict:
+    """Replace conv/linear weights in place by their quantized values; return the packed record.
+    `layer_bits` ({layer: bits}, mixed precision) gives listed layers their own width, recorded as "bits"."""
+    names, shapes, axes, packed, scales, widths = [], [], [], [], [], []
     for name, mod in quantizable_layers(model):
         axis = channel_axis(mod)
-        codes, scale = quantize_tensor(mod.weight, bits, per_channel, axis)
+        b = (layer_bits or {}).get(name, bits)
+        codes, scale = quantize_tensor(mod.weight, b, per_channel, axis)
         with torch.no_grad():
             mod.weight.copy_(dequantize(codes, scale, axis, per_channel).to(mod.weight.dtype))
         names.append(name)
         shapes.append(list(codes.shape))
         axes.append(axis)
-        packed.append(pack_codes(codes, bits))
+        packed.append(pack_codes(codes, b))
         scales.append(scale.float())
-    return {"names": names, "shapes": shapes, "axes": axes,
+        widths.append(b)
+    record = {} if layer_bits is None else {"bits": widths}
+    return {**record, "names": names, "shapes": shapes, "axes": axes,
             "packed_lengths": [int(p.numel()) for p in packed],
             "codes": torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8),
             "scale_lengths": [int(s.numel()) for s in scales],
@@ -244,10 +248,11 @@ def restore_weights(model: nn.Module, record: dict, bits: int, per_channel: bool
     """Write the dequantized weights of a packed record into a model of the same architecture."""
     codes_all = record["codes"].split(record["packed_lengths"])
     scales_all = record["scales"].split(record["scale_lengths"])
-    for name, shape, axis, packed, scale in zip(record["names"], record["shapes"], record["axes"],
-                                                codes_all, scales_all):
+    widths = record.get("bits") or [bits] * len(record["names"])   # per layer when mixed precision
+    for name, shape, axis, packed, scale, b in zip(record["names"], record["shapes"], record["axes"],
+                                                   codes_all, scales_all, widths):
         mod = model.get_submodule(name)
-        codes = unpack_codes(packed, bits, shape)
+        codes = unpack_codes(packed, int(b), shape)
         with torch.no_grad():
             mod.weight.copy_(dequantize(codes, scale, axis, per_channel).to(mod.weight.dtype))
 
@@ -259,7 +264,8 @@ def packed_size(model: nn.Module, bits: int, record: dict, act_layers: int = 0) 
     n_scales = int(record["scales"].numel())
     n_other = sum(v.numel() for k, v in model.state_dict().items()
                   if k not in quantized and v.is_floating_point())
-    weight_bytes = math.ceil(n_q * bits / 8)
+    weight_bytes = (math.ceil(n_q * bits / 8) if "bits" not in record   # mixed precision: each layer packed alone
+                    else sum(math.ceil(math.prod(s) * b / 8) for s, b in zip(record["shapes"], record["bits"])))
     packed = weight_bytes + 4 * (n_scales + n_other) + 8 * act_layers
     return {"packed_bytes": packed, "packed_weight_bytes": weight_bytes, "quantized_params": n_q,
             "scales": n_scales, "fp32_other_params": n_other}

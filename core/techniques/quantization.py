@@ -16,6 +16,7 @@ granularity in fake and int8 mode, calibration_images when something is calibrat
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import metrics
-from ..errors import LabError
+from ..errors import InvalidParameter, LabError
 from ..models import build_model, get_spec
 from ..progress import emit
 from ..training import bf16_training_supported, evaluate_accuracy
@@ -87,6 +88,10 @@ PARAMS = [
                    "CPUs without VNNI (AVX2, or AVX-512 without VNNI) add int8 products in pairs in 16 bits, "
                    "which saturate with 8-bit weights and cannot with 7; auto: 7bit on such a CPU, 8bit "
                    "elsewhere (measured, docs/bench_quantization.md)"),
+    ParamSpec("allocation", "choice", "uniform", choices=("uniform", "sensitivity"),
+              help="fake mode: uniform: every layer at `bits`; sensitivity: mixed precision, each layer's weights at "
+                   "2-8 bits chosen from the sensitivity scan (core/sensitivity.py, 500 training images) so that the "
+                   "average weighted by parameters is at most `bits` (2-8); docs/sensitivity.md"),
 ]
 # "auto" calibration and fp32 layers are per architecture, on its ModelSpec (int8_calibration,
 # int8_fp32_layers; measured in docs/bench_quantization.md). Of the fp32-layer candidates, the first whose int8
@@ -120,6 +125,14 @@ def _normalise(p: dict) -> None:
         ignored |= {"act_bits", "calibration_images"}
     for k in ignored:
         p[k] = _DEFAULTS[k]
+    if p.get("allocation", "uniform") == "uniform":
+        p.pop("allocation", None)   # absent when uniform: every result key made before allocation existed holds
+    elif mode != "fake":
+        raise InvalidParameter("allocation", p["allocation"], "uniform in mode " + mode +
+                               " (per-layer bit widths are simulated: mode=fake)")
+    elif not 2 <= p["bits"] <= 8:
+        raise InvalidParameter("bits", p["bits"], "from 2 to 8 with allocation=sensitivity (the average of "
+                                                  "per-layer widths from 2 to 8)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -160,9 +173,11 @@ def _apply_fake(ctx: Context, p: dict) -> TechniqueOutput:
     bits, per_channel = p["bits"], p["granularity"] == "per_channel"
     model = _teacher_copy(ctx)
     counts = _counts(ctx, model)
+    layer_bits = _sensitivity_bits(ctx, p, model) if p.get("allocation") == "sensitivity" else None
     emit(ctx.progress, stage="quantize", kind="message",
-         message=f"rounding conv/linear weights to {bits} bits ({p['granularity'].replace('_', ' ')})")
-    record = quant_fake.fake_quantize_weights(model, bits, per_channel)
+         message=f"rounding conv/linear weights to {bits} bits ({p['granularity'].replace('_', ' ')})"
+         if layer_bits is None else f"rounding conv/linear weights to 2-8 bits per layer, {bits} on average")
+    record = quant_fake.fake_quantize_weights(model, bits, per_channel, layer_bits)
     corrected = 0
     if p["bn_correction"]:
         corrected = bn_correction.correct_against_teacher(model, ctx)
@@ -189,8 +204,24 @@ def _apply_fake(ctx: Context, p: dict) -> TechniqueOutput:
     unit = "bit" if bits == 1 else "bits"
     notes = [f"Simulated quantization: weights take {bits} {unit} each in the packed size, but the model "
              "still computes in fp32, so its latency is that of the original."]
+    if layer_bits is not None:   # {layer: bits} chosen from the sensitivity scan
+        sizes = {n: math.prod(s) for n, s in zip(record["names"], record["shapes"])}
+        extra.update(allocation=dict(layer_bits),
+                     average_bits=sum(layer_bits[n] * sizes[n] for n in sizes) / max(1, sum(sizes.values())))
+        notes[0] = (f"Mixed precision: each layer's weights take 2-8 bits, chosen from the sensitivity scan (500 "
+                    f"training images), {extra['average_bits']:.2f} on average (target {bits}; extra.allocation "
+                    "lists them); the model still computes in fp32, so its latency is that of the original.")
     return TechniqueOutput(model=model, state=state, size_bytes=size["packed_bytes"], extra=extra,
                            notes=notes, **counts)
+
+
+def _sensitivity_bits(ctx: Context, p: dict, model: nn.Module) -> dict[str, int]:
+    """allocation=sensitivity: {layer: bits} with an average weighted by parameters of at most p["bits"]."""
+    from .. import sensitivity
+    scan = sensitivity.allocation_scan(ctx.teacher, ctx.data, "quantize", p["granularity"], ctx.progress)
+    scanned = {r["name"] for r in scan["layers"]}
+    sizes = {n: m.weight.numel() for n, m in quant_fake.quantizable_layers(model) if n in scanned}
+    return sensitivity.allocate_bits(scan, p["bits"], sizes)
 
 
 def _load_fake(state: dict, ctx: Context) -> nn.Module:

@@ -1,0 +1,126 @@
+"""allocation=sensitivity (core/sensitivity.py allocate_*): per-layer pruning ratios and bit widths chosen from the
+sensitivity scan meet the same global target as uniform; uniform keeps every existing cache key; bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core import metrics, sensitivity
+from core.cli import main
+from core.errors import InvalidParameter
+from core.techniques import Context, get_technique
+from core.techniques import pruning, quant_fake
+from core.training import evaluate_accuracy
+
+EVAL = 200
+
+
+@pytest.fixture(scope="module")
+def teacher(make_teacher):
+    return make_teacher()
+
+
+@pytest.fixture(autouse=True)
+def small_scans(monkeypatch):
+    """The allocation's scan on 100 training images and fewer settings: the same code, a few seconds."""
+    monkeypatch.setattr(sensitivity, "ALLOCATION_SCAN", {"eval_size": 100, "split": "train"})
+    monkeypatch.setitem(sensitivity.DEFAULT_SETTINGS, "prune", (0.3, 0.6, 0.9))
+    monkeypatch.setitem(sensitivity.DEFAULT_SETTINGS, "quantize", (8, 4, 3, 2))
+
+
+def _apply(teacher, data, technique: str, **params):
+    spec = get_technique(technique)
+    p = spec.validate(params)
+    out = spec.apply(Context(teacher=teacher, data=data, params=p, eval_size=EVAL))
+    return p, out
+
+
+def _accuracy(model, data) -> float:
+    return evaluate_accuracy(model, data, *data.eval_split(EVAL))
+
+
+def test_uniform_keeps_the_parameters_and_so_every_existing_cache_key():
+    for technique in ("prune", "quantize"):
+        spec = get_technique(technique)
+        assert "allocation" not in spec.validate({})
+        assert "allocation" not in spec.validate({"allocation": "uniform"})
+        assert spec.validate({"allocation": "sensitivity"})["allocation"] == "sensitivity"
+
+
+def test_structured_allocation_meets_the_macs_target(teacher, shapes, capsys):
+    _, uniform = _apply(teacher, shapes, "prune", method="structured", ratio=0.3)
+    p, alloc = _apply(teacher, shapes, "prune", method="structured", ratio=0.3, allocation="sensitivity")
+    assert p["allocation"] == "sensitivity"
+    macs_u, macs_s = metrics.count_macs(uniform.model), metrics.count_macs(alloc.model)
+    assert abs(macs_s / macs_u - 1) <= sensitivity.ALLOCATION_TOLERANCE, (macs_s, macs_u)
+    ratios = alloc.extra["allocation"]
+    assert set(ratios) == {n for n, _ in pruning.prunable_layers(teacher.model)}
+    assert len(set(ratios.values())) > 2   # not uniform
+    # each layer kept what the allocation says (its output channels)
+    pruned = dict(alloc.model.named_modules())
+    for name, module in pruning.prunable_layers(teacher.model):
+        if isinstance(module, torch.nn.Conv2d):
+            kept = pruned[name].out_channels / module.out_channels
+            assert kept == pytest.approx(1 - ratios[name], abs=1e-3), name
+    acc_t, acc_u, acc_s = (_accuracy(m, shapes) for m in (teacher.model, uniform.model, alloc.model))
+    with capsys.disabled():
+        print(f"\n[allocation] tiny ResNet-34 ({acc_t:.3f}), structured 0.3: MACs uniform {macs_u:,} "
+              f"sensitivity {macs_s:,} ({macs_s / macs_u - 1:+.1%}); accuracy uniform {acc_u:.3f} "
+              f"sensitivity {acc_s:.3f}")
+
+
+def test_unstructured_allocation_zeroes_as_many_weights(teacher, shapes):
+    _, uniform = _apply(teacher, shapes, "prune", method="unstructured", ratio=0.7, bn_correction=False)
+    _, alloc = _apply(teacher, shapes, "prune", method="unstructured", ratio=0.7, allocation="sensitivity",
+                      bn_correction=False)
+    zu, zs = uniform.extra["pruned_params"], alloc.extra["pruned_params"]
+    assert zu <= zs <= zu * (1 + 0.01)
+    assert len(set(alloc.extra["allocation"].values())) > 2
+    assert alloc.extra["allocation_target"]["zeroed"] == zs
+
+
+def test_mixed_precision_meets_the_average_bits_and_loads_back(teacher, shapes):
+    p, out = _apply(teacher, shapes, "quantize", mode="fake", bits=3, allocation="sensitivity")
+    bits = out.extra["allocation"]
+    assert set(bits.values()) <= set(range(2, 9)) and len(set(bits.values())) > 1
+    sizes = {n: m.weight.numel() for n, m in quant_fake.quantizable_layers(teacher.model)}
+    avg = sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert 3 * (1 - sensitivity.ALLOCATION_TOLERANCE) <= avg <= 3 and out.extra["average_bits"] == pytest.approx(avg)
+    record = out.state["weights"]
+    assert out.extra["packed_weight_bytes"] == sum(math.ceil(sizes[n] * bits[n] / 8) for n in sizes)
+    assert record["bits"] == [bits[n] for n in record["names"]]
+    for name, module in quant_fake.quantizable_layers(out.model):   # each layer on its own grid
+        w = module.weight.detach()
+        levels = max(len(torch.unique(row)) for row in w.reshape(w.shape[0], -1))
+        assert levels <= 2 ** bits[name] - 1, name
+    spec = get_technique("quantize")
+    loaded = spec.load(out.state, Context(teacher=teacher, data=shapes, params=p))
+    for (name, a), (_, b) in zip(quant_fake.quantizable_layers(out.model), quant_fake.quantizable_layers(loaded)):
+        assert torch.equal(a.weight, b.weight), name
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--technique", "quantize", "--mode", "int8", "--allocation", "sensitivity"], "allocation"),
+    (["--technique", "quantize", "--bits", "1", "--allocation", "sensitivity"], "bits"),
+    (["--technique", "prune", "--scope", "global", "--allocation", "sensitivity"], "scope"),
+    (["--technique", "prune", "--method", "unstructured", "--ratio", "0.95", "--allocation", "sensitivity"], "ratio"),
+    (["--technique", "prune", "--allocation", "greedy"], "invalid choice"),
+])
+def test_bad_allocation_is_one_line_exit_2_and_nothing_cached(fresh_cache, capsys, args, words):
+    try:
+        code = main(["compress", *args, "--json"])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not (fresh_cache / "sensitivity").exists() and not (fresh_cache / "compressed").exists()
+
+
+def test_allocation_checks_in_the_library():
+    with pytest.raises(InvalidParameter):
+        get_technique("quantize").validate({"mode": "fp16", "allocation": "sensitivity"})
+    with pytest.raises(InvalidParameter):
+        sensitivity.allocate_unstructured({"settings": [0.3, 0.9], "layers": []}, 0.95, {})
