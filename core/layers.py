@@ -229,7 +229,9 @@ def _structured_error(w: torch.Tensor, ref: torch.Tensor) -> float | None:
 
 def ort_fake_quant(w: torch.Tensor, per_channel: bool, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes of `w` as ONNX Runtime's symmetric weight quantization makes them (scale = max|w| / qmax
-    per output channel or per tensor, round half to even, clipped to ±qmax); the scale is returned too."""
+    per output channel or per tensor, round half to even, clipped to ±qmax); the scale is returned too.
+    ONNX Runtime also raises the scale of a channel whose int32 bias would overflow (a near-zero batch-norm
+    scale folded in): such a channel's weights are near zero, so the layer's error barely moves."""
     w2 = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     amax = w2.abs().amax(1).double()
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).float()

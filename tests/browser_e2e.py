@@ -124,15 +124,25 @@ def idle(driver) -> bool:
     return not any("Running" in w.text or "Stop" in w.text for w in widgets)
 
 
-def charts_drawn(driver) -> bool:
-    """Every Altair chart on the page has drawn its canvas or SVG."""
+def undrawn_charts(driver) -> list[str]:
+    """The visible Altair charts that have not drawn their canvas or SVG yet, by position on the page
+    (a chart in a closed expander may wait until it is opened)."""
     charts = driver.find_elements("css selector", "[data-testid='stVegaLiteChart']")
-    return all(c.find_elements("css selector", "canvas, svg") for c in charts)
+    return [f"chart {i + 1} of {len(charts)}" for i, c in enumerate(charts)
+            if c.is_displayed() and not c.find_elements("css selector", "canvas, svg")]
+
+
+def charts_drawn(driver) -> bool:
+    """Every visible Altair chart on the page has drawn its canvas or SVG."""
+    undrawn = undrawn_charts(driver)
+    if undrawn:
+        raise RuntimeError("not drawn: " + ", ".join(undrawn))   # wait_for reports the last one
+    return True
 
 
 def settle(driver, timeout: float = 120, what: str = "the page") -> None:
     wait_for(driver, idle, timeout, f"{what} to finish running")
-    wait_for(driver, charts_drawn, 30, f"the charts of {what}")
+    wait_for(driver, charts_drawn, 60, f"the charts of {what}")
     time.sleep(0.5)
 
 

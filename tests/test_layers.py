@@ -188,9 +188,20 @@ def test_int8_rows_from_the_fp32_teacher(r34, store, granularity):
         fp32 = x["name"] in plan["fp32"]
         codes, _ = layers.ort_fake_quant(w, True if fp32 else plan["per_channel"], 127 if fp32 else plan["qmax"])
         codes = codes.to(torch.int8).numpy()
-        if not any(s.shape == codes.shape and (s != codes).mean() < 1e-3 for s in stored):
+        if not any(_same_codes(s, codes, 127 if fp32 else plan["qmax"]) for s in stored):
             unmatched.append(x["name"])
     assert not unmatched
+
+
+def _same_codes(stored: np.ndarray, codes: np.ndarray, qmax: int) -> bool:
+    """ONNX Runtime stored the simulated codes, up to rounding, except in output channels whose scale it
+    raised so that the int32 bias stays in range (a near-zero batch-norm scale folded into the weights):
+    those never reach ±qmax, and there are few of them."""
+    if stored.shape != codes.shape:
+        return False
+    s, c = stored.reshape(len(stored), -1), codes.reshape(len(codes), -1)
+    raised = (np.abs(s).max(1) < qmax) & (np.abs(c).max(1) == qmax)
+    return raised.mean() <= 0.02 and (s[~raised] != c[~raised]).mean() < 1e-3
 
 
 def test_int8_fp32_layer_rules_match_the_onnx_graph():

@@ -272,10 +272,9 @@ def test_unstructured_global_differs_from_layerwise(make_teacher):
 
 
 def test_interrupted_finetuning_resumes_with_its_pruned_weights_and_masks(make_teacher, shapes, spec):
-    """A stopped fine-tuning run, asked for again, trains only its unfinished epochs. Unstructured with
-    random importance: the masks cannot be recomputed, so they must come back from the checkpoint."""
+    """A stopped fine-tuning run, asked for again, trains only its unfinished epochs, and the weights the
+    interrupted run zeroed stay zero (the masks come back from the checkpoint with the weights)."""
     teacher = make_teacher("resnet34", subset=RN_SUBSET)
-    torch.manual_seed(0)   # random importance draws from the global generator: the same draw whatever ran before
     p = spec.validate({"ratio": 0.5, "method": "unstructured", "importance": "random", "finetune_epochs": 2,
                        "finetune_subset": 128})
 
@@ -292,8 +291,11 @@ def test_interrupted_finetuning_resumes_with_its_pruned_weights_and_masks(make_t
     assert [e.epoch for e in events if e.kind == "epoch"] == [2] and [h["epoch"] for h in out.history] == [1, 2]
     assert any("resuming fine-tuning from epoch 1 of 2" in e.message for e in events if e.message)
     assert not partials[0].exists()
-    # the zeros are the ones of the interrupted run (a new random draw would put them elsewhere)
+    # the zeros are the ones of the interrupted run; a kept weight may itself be exactly 0 (normal
+    # initialization draws a few exact zeros in a 512x512x3x3 layer, and some never move)
     weights = dict(out.model.named_parameters())
     for k, mask in first_masks.items():
         w = weights[k[:-len("_mask")]]
-        assert torch.equal(w == 0, mask == 0), k
+        assert (w[mask == 0] == 0).all(), k
+        assert int(((w == 0) & (mask != 0)).sum()) <= max(8, 1e-5 * w.numel()), k
+    assert sum(int((m == 0).sum()) for m in first_masks.values()) >= 0.45 * sum(m.numel() for m in first_masks.values())
