@@ -93,7 +93,8 @@ def trace(model: nn.Module, input_size=INPUT_SIZE) -> dict:
     "macs" (per image), "in_hw"/"out_hw" (spatial size), "kernel" (largest side), "first" (reads the
     image), "classifier" (writes the output); "folded": conv -> the batch norm reading its output
     directly (what the ONNX export folds); "pooled": convs whose output reaches an AvgPool2d through
-    batch norm / ReLU only. Remembered by the module tree's repr (every layer's shape and settings)."""
+    batch norm / ReLU only; "order": the layers in the order they run. Remembered by the module tree's repr
+    (every layer's shape and settings)."""
     key = (type(model).__qualname__, repr(model), tuple(input_size), _weight_dtype(model))
     hit = _TRACES.get(key)
     if hit is None:
@@ -115,11 +116,14 @@ def _trace(model: nn.Module, input_size) -> dict:
     alive = []                                  # the tensors whose ids are in `source`: ids stay unique
     folded: dict[str, str] = {}
     pooled: set[str] = set()
+    order: list[str] = []
     x = torch.zeros(input_size, device="meta", dtype=_weight_dtype(model))
 
     def layer_hook(m, inp, out):
         name, xin = names[id(m)], inp[0]
         row = rows[name]
+        if name not in order:
+            order.append(name)
         row["macs"] += _layer_macs(m, xin, out)
         row["in_hw"], row["out_hw"] = list(xin.shape[2:]), list(out.shape[2:])
         row["first"] |= xin is x
@@ -159,7 +163,7 @@ def _trace(model: nn.Module, input_size) -> dict:
     came = source.get(id(y))
     if came is not None and came[1]:
         rows[came[0]]["classifier"] = True
-    return {"layers": rows, "folded": folded, "pooled": pooled}
+    return {"layers": rows, "folded": folded, "pooled": pooled, "order": order}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -256,7 +260,7 @@ def int8_plan(extra: dict, traced: dict) -> dict:
     ONNX graph), the weight grid, and whether the teacher's weights are what was quantized."""
     from .techniques.quantization import FP32_LAYERS
     rules = set(FP32_LAYERS.get(extra.get("fp32_layers") or "none", ()))
-    fp32 = set()
+    fp32 = set(extra.get("fp32_layer_names") or ())   # chosen from the sensitivity scan
     for name, row in traced["layers"].items():
         out_hw, in_hw = row["out_hw"] or [], row["in_hw"] or []
         conv_map = math.prod(out_hw) if len(out_hw) == 2 else None

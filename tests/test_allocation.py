@@ -2,6 +2,7 @@
 sensitivity scan meet the same global target as uniform; uniform keeps every existing cache key; bad input."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -102,7 +103,9 @@ def test_mixed_precision_meets_the_average_bits_and_loads_back(teacher, shapes):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--technique", "quantize", "--mode", "int8", "--allocation", "sensitivity"], "allocation"),
+    (["--technique", "quantize", "--mode", "fp16", "--allocation", "sensitivity"], "allocation"),
+    (["--technique", "quantize", "--mode", "int8", "--allocation", "sensitivity", "--fp32-layers", "edges"],
+     "fp32_layers"),
     (["--technique", "quantize", "--bits", "1", "--allocation", "sensitivity"], "bits"),
     (["--technique", "prune", "--scope", "global", "--allocation", "sensitivity"], "scope"),
     (["--technique", "prune", "--method", "unstructured", "--ratio", "0.95", "--allocation", "sensitivity"], "ratio"),
@@ -124,3 +127,57 @@ def test_allocation_checks_in_the_library():
         get_technique("quantize").validate({"mode": "fp16", "allocation": "sensitivity"})
     with pytest.raises(InvalidParameter):
         sensitivity.allocate_unstructured({"settings": [0.3, 0.9], "layers": []}, 0.95, {})
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "densenet121", "vgg16_bn"])
+def test_every_layer_finds_its_onnx_node(arch):
+    """int8's fp32 layers by name: the exporter's nodes line up with the layers in the order they run."""
+    import onnx
+    from core import layers
+    from core.models import build_model
+    from core.techniques import onnx_export, onnx_graph, quant_ort
+    model = build_model(arch, 10).eval()
+    graph = onnx.load_from_string(onnx_graph.depthwise_batch_norms(onnx_export.export_onnx(model)))
+    order = layers.trace(model)["order"]
+    found = quant_ort.layer_nodes(graph, order)
+    assert list(found) == order and sorted(order) == sorted(layers.trace(model)["layers"])
+    assert len(set(found.values())) == len(order)
+    for module, node in list(found.items())[:3] + list(found.items())[-2:]:
+        assert module.rsplit(".", 1)[-1] in node, (module, node)
+    with pytest.raises(ValueError):
+        quant_ort.layer_nodes(graph, order[:-1])
+    rotated = order[1:] + order[:1]
+    if arch == "densenet121":   # matched by order there: the names check it
+        with pytest.raises(ValueError):
+            quant_ort.layer_nodes(graph, rotated)
+    else:                       # the scopes spell every name: any order (ONNX Runtime reorders the graph)
+        assert quant_ort.layer_nodes(graph, rotated) == found
+
+
+def test_int8_keeps_the_most_fragile_layers_in_fp32(teacher, shapes, monkeypatch):
+    """allocation=sensitivity in int8 mode: the classifier and the layers the quantize scan ranks most fragile
+    stay in fp32 (ONNX Runtime does not quantize their outputs), the fewest that agree with fp32, at most the
+    largest count."""
+    from core import layers
+    from core.techniques import quant_ort, quantization
+    monkeypatch.setattr(quantization, "SENSITIVE_FP32_COUNTS", (2,))   # exactly two, whatever they agree
+    written = []   # the graph ONNX Runtime quantized, before it is stored without node names
+    store = quant_ort.store_weights_int8
+    monkeypatch.setattr(quant_ort, "store_weights_int8", lambda model, kept: (written.append(copy.deepcopy(model)),
+                                                                              store(model, kept))[1])
+    p, out = _apply(teacher, shapes, "quantize", mode="int8", allocation="sensitivity", calibration_images=64)
+    assert p["allocation"] == p["fp32_layers"] == "sensitivity"
+    assert get_technique("quantize").validate({"mode": "int8", "fp32_layers": "sensitivity", "calibration_images": 64}) == p
+    scan = sensitivity.allocation_scan(teacher, shapes, "quantize", "per_channel")
+    kept = out.extra["fp32_layer_names"]
+    assert out.extra["fp32_layers"] == "sensitivity" and kept == [n for n in scan["fragile"] if n != "fc"][:2]
+    readers = {}
+    for n in written[-1].graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    nodes = quant_ort.layer_nodes(written[-1], layers.trace(teacher.model)["order"])
+    by_name = {n.name: n for n in written[-1].graph.node}
+    in_int8 = {m for m, n in nodes.items() if "QuantizeLinear" in readers.get(by_name[n].output[0], ())}
+    assert set(nodes) - in_int8 == set(kept) | {"fc"}   # an int8 layer's output is quantized for the next one
+    rows = layers.layer_table(None, teacher.model, int8=out.extra)
+    assert {r["name"] for r in rows if r["bits"] == 32} == set(kept) | {"fc"}

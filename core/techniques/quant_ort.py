@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import re
 import tempfile
 
 import torch
@@ -126,6 +127,44 @@ def fp32_nodes(onnx_model, rules) -> list[str]:
     return keep
 
 
+MATRIX_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def layer_nodes(onnx_model, order: list[str]) -> dict[str, str]:
+    """{conv/linear module name: its ONNX node's name}, given the modules in the order they run (layers.trace's
+    "order"). The exporter names each node after its module's scopes (`/layer1/layer1.0/conv1/Conv`), which
+    spell the module's name; where they do not (DenseNet's layers are called from a function:
+    `/features/denseblock4/conv2_15/Conv`), the nodes are taken in the order they were written, which is the
+    order the modules ran, each checked by the module's own name. ValueError where the graph does not line up."""
+    nodes = [n.name for n in onnx_model.graph.node
+             if n.op_type in MATRIX_OPS and not n.name.endswith("_dw")]   # _dw: batch norms run as convolutions
+    if len(nodes) != len(order):
+        raise ValueError(f"the ONNX graph has {len(nodes)} conv/linear nodes, the model {len(order)} layers")
+    by_scope = {_scope_name(n): n for n in nodes}
+    if set(by_scope) == set(order):
+        return {m: by_scope[m] for m in order}
+
+    def leaf(name: str) -> str:
+        return re.sub(r"_\d+$", "", name.rsplit(".", 1)[-1])
+    for module, node in zip(order, nodes):
+        scope = node.strip("/").split("/")
+        if len(scope) < 2 or leaf(scope[-2]) != leaf(module):
+            raise ValueError(f"ONNX node {node} does not line up with layer {module}")
+    return dict(zip(order, nodes))
+
+
+def _scope_name(node: str) -> str:
+    """The module name a node's scopes spell: /layer2/layer2.0/downsample/downsample.0/Conv ->
+    layer2.0.downsample.0 (a Sequential's child scope repeats the Sequential's own)."""
+    parts: list[str] = []
+    for part in node.strip("/").split("/")[:-1]:
+        if parts and part.startswith(parts[-1] + "."):
+            parts[-1] = part
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
 def _pooled_chains(g) -> set[str]:
     """Names of the convolutions on single-reader Conv/ReLU chains that end in an AveragePool."""
     _, producers, readers = graph_index(g)
@@ -156,7 +195,7 @@ def _named(path: str):
 def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: bool = True,
                   progress: ProgressFn = None, method: str = CALIB_METHOD,
                   percentile: float | None = None, keep_fp32=(), calibration_cache: str | None = None,
-                  reduce_range: bool = False) -> bytes:
+                  reduce_range: bool = False, keep_layers=(), layer_order: list[str] | None = None) -> bytes:
     """Static int8 QDQ model: int8 weights (symmetric), uint8 activations with calibrated ranges.
 
     method "percentile" clips each activation range at the CALIB_PERCENTILE-th percentile of
@@ -166,6 +205,7 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
     ones on the same model, images and method (ONNX Runtime calibrates every tensor of QUANTIZED_OPS
     whatever keep_fp32 leaves out, so trying several fp32-layer choices calibrates once).
     reduce_range: 7-bit weights, for CPUs whose int8 kernels saturate (`int8_pairs_saturate`).
+    keep_layers: conv/linear modules left in fp32 by name, with `layer_order` (see `layer_nodes`).
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)
@@ -190,7 +230,11 @@ def quantize_int8(fp32_onnx: bytes, calib_images: torch.Tensor, per_channel: boo
             except Exception:
                 pre = src
             import onnx
-            excluded = fp32_nodes(_named(pre), keep_fp32) if keep_fp32 else []
+            graph = _named(pre)
+            excluded = fp32_nodes(graph, keep_fp32) if keep_fp32 else []
+            if keep_layers:
+                by_layer = layer_nodes(graph, layer_order or [])
+                excluded += [by_layer[n] for n in keep_layers if by_layer[n] not in excluded]
             calib = {"minmax": (CalibrationMethod.MinMax, {}),
                      "percentile": (CalibrationMethod.Percentile,
                                     {"CalibPercentile": percentile or CALIB_PERCENTILE})}[method]

@@ -23,6 +23,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
+from .. import layers as layers_mod
 from .. import metrics
 from ..errors import InvalidParameter, LabError
 from ..models import build_model, get_spec
@@ -38,7 +39,11 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # int8 layers left in fp32, as quant_ort.KEEP_FP32_RULES
 FP32_LAYERS = {"none": (), "classifier": ("classifier",), "edges": ("first", "classifier"),
                "edges+1x1-kxk": ("first", "classifier", "1x1-kxk"), "edges+1x1": ("first", "classifier", "1x1"),
-               "edges+2x2+pooled": ("first", "classifier", "2x2", "pooled")}
+               "edges+2x2+pooled": ("first", "classifier", "2x2", "pooled"),
+               "sensitivity": ("classifier",)}   # and the layers the scan found most fragile (SENSITIVE_FP32_COUNTS)
+# fp32_layers=sensitivity: how many of the most fragile layers (sensitivity scan of the weights at 8-2 bits) to
+# keep in fp32 besides the classifier, tried in this order until int8 agrees with fp32 (AUTO_MIN_AGREEMENT)
+SENSITIVE_FP32_COUNTS = (0, 1, 2, 4, 8)
 
 PARAMS = [
     ParamSpec("mode", "choice", "fake", choices=MODES,
@@ -82,7 +87,9 @@ PARAMS = [
                    "of 2×2 or less and every layer between a concatenation and an average pooling (DenseNet's "
                    "transitions; most accurate, slowest); auto: classifier, and for DenseNet-121 the first of edges, edges+1x1, "
                    "edges+2x2+pooled whose int8 model agrees with fp32 on at least 90% of the calibration "
-                   "images (else the one that agrees most; measured, docs/bench_quantization.md)"),
+                   "images (else the one that agrees most; measured, docs/bench_quantization.md); sensitivity: "
+                   "the classifier and the 0, 1, 2, 4 or 8 layers the sensitivity scan finds most fragile, the "
+                   "fewest that agree as well (docs/sensitivity.md)"),
     ParamSpec("weight_range", "choice", "auto", choices=("auto", "8bit", "7bit"),
               help="int8 mode: weights on the full int8 grid (8bit) or on 7 bits (ONNX Runtime's reduce_range). "
                    "CPUs without VNNI (AVX2, or AVX-512 without VNNI) add int8 products in pairs in 16 bits, "
@@ -91,7 +98,8 @@ PARAMS = [
     ParamSpec("allocation", "choice", "uniform", choices=("uniform", "sensitivity"),
               help="fake mode: uniform: every layer at `bits`; sensitivity: mixed precision, each layer's weights at "
                    "2-8 bits chosen from the sensitivity scan (core/sensitivity.py, 500 training images) so that the "
-                   "average weighted by parameters is at most `bits` (2-8); docs/sensitivity.md"),
+                   "average weighted by parameters is at most `bits` (2-8); int8 mode: sensitivity = fp32_layers "
+                   "sensitivity; docs/sensitivity.md"),
 ]
 # "auto" calibration and fp32 layers are per architecture, on its ModelSpec (int8_calibration,
 # int8_fp32_layers; measured in docs/bench_quantization.md). Of the fp32-layer candidates, the first whose int8
@@ -125,12 +133,19 @@ def _normalise(p: dict) -> None:
         ignored |= {"act_bits", "calibration_images"}
     for k in ignored:
         p[k] = _DEFAULTS[k]
+    if mode == "int8" and "sensitivity" in (p.get("allocation"), p["fp32_layers"]):
+        # real int8 allocates by the scan the one thing it can: which layers stay in fp32 (one cache key for both
+        # spellings)
+        if p["fp32_layers"] not in ("auto", "sensitivity"):
+            raise InvalidParameter("fp32_layers", p["fp32_layers"], "auto or sensitivity with allocation=sensitivity "
+                                   "(int8 chooses its fp32 layers from the scan)")
+        p["allocation"] = p["fp32_layers"] = "sensitivity"
     if p.get("allocation", "uniform") == "uniform":
         p.pop("allocation", None)   # absent when uniform: every result key made before allocation existed holds
-    elif mode != "fake":
+    elif mode not in ("fake", "int8"):
         raise InvalidParameter("allocation", p["allocation"], "uniform in mode " + mode +
-                               " (per-layer bit widths are simulated: mode=fake)")
-    elif not 2 <= p["bits"] <= 8:
+                               " (per-layer bit widths are simulated: mode=fake; int8 keeps its most fragile layers in fp32)")
+    elif mode == "fake" and not 2 <= p["bits"] <= 8:
         raise InvalidParameter("bits", p["bits"], "from 2 to 8 with allocation=sensitivity (the average of "
                                                   "per-layer widths from 2 to 8)")
 
@@ -277,6 +292,8 @@ def _apply_int8(ctx: Context, p: dict) -> TechniqueOutput:
         if agree < 0.9:
             notes.append(f"int8 predictions agree with fp32 on only {agree:.0%} of the calibration images")
         state = {"format": "onnx", "precision": "int8", "onnx": ort_session.bytes_to_tensor(int8_onnx)}
+    except InvalidParameter:
+        raise
     except Exception as exc:
         notes.append(f"int8: quantizing {_arch(ctx)[0]} failed ({type(exc).__name__}: {str(exc)[:160]}); "
                      "kept the fp32 ONNX model, nothing was quantized")
@@ -309,16 +326,24 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
     """(int8 bytes, its module, its calibration agreement with `reference`) for the first fp32-layer
     candidate that agrees well enough (ModelSpec.int8_fp32_layers), else the most faithful one tried."""
     method, pct = calibration
-    candidates = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0])
+    named = {}   # candidate -> layers kept in fp32 by name
+    if p["fp32_layers"] == "sensitivity":
+        fragile, order = _fragile_layers(ctx, p, source_onnx)
+        named = {("classifier" if not k else f"classifier+{k} most fragile"): fragile[:k]
+                 for k in SENSITIVE_FP32_COUNTS if k <= len(fragile)}
+        candidates = tuple(named)
+    else:
+        candidates, order = resolve_fp32_layers(p["fp32_layers"], _arch(ctx)[0]), None
     weights = extra["weight_range"] = resolve_weight_range(p["weight_range"])
     tried, made = {}, {}
     with tempfile.TemporaryDirectory(prefix="lab-ranges-") as tmp:   # one calibration for every candidate
         for kept in candidates:
             int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
                                                 ctx.progress, method=method, percentile=pct,
-                                                keep_fp32=FP32_LAYERS[kept],
+                                                keep_fp32=FP32_LAYERS.get(kept, ("classifier",)),
                                                 calibration_cache=os.path.join(tmp, "ranges.json"),
-                                                reduce_range=weights == "7bit")
+                                                reduce_range=weights == "7bit",
+                                                keep_layers=named.get(kept, ()), layer_order=order)
             made[kept] = int8_onnx, ort_session.OrtModule(int8_onnx, "int8")
             tried[kept] = _agreement(made[kept][1], reference, images[:256])
             if tried[kept] >= AUTO_MIN_AGREEMENT or kept == candidates[-1]:
@@ -328,14 +353,35 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
                          "calibration images: keeping more layers in fp32")
     if tried[kept] < AUTO_MIN_AGREEMENT:   # none good enough: the most faithful (ties: more in fp32)
         kept = max(reversed(list(tried)), key=tried.get)
-    extra["fp32_layers"] = kept
+    extra["fp32_layers"] = "sensitivity" if named else kept
+    if named:
+        extra["fp32_layer_names"] = list(named[kept])
     if len(candidates) > 1:
         extra["fp32_layers_agreement"] = tried
     if kept != candidates[0]:
-        notes.append(f"fp32 layers auto: with {candidates[0]} in fp32 the int8 model agreed with fp32 on only "
-                     f"{tried[candidates[0]]:.0%} of the calibration images, so {kept} stayed in fp32 "
+        notes.append(f"fp32 layers {p['fp32_layers']}: with {candidates[0]} in fp32 the int8 model agreed with fp32 "
+                     f"on only {tried[candidates[0]]:.0%} of the calibration images, so {kept} stayed in fp32 "
                      f"({tried[kept]:.0%}; more accurate, slower)")
+    if named.get(kept):
+        notes.append("kept in fp32 from the sensitivity scan: the classifier and " + ", ".join(named[kept]))
     return *made[kept], tried[kept]
+
+
+def _fragile_layers(ctx: Context, p: dict, source_onnx: bytes) -> tuple[list[str], list[str]]:
+    """fp32_layers=sensitivity: (the model's layers, most fragile first by the quantize scan, the classifier
+    left out; every layer in the order it runs). Raises InvalidParameter where the ONNX graph's nodes
+    cannot be told apart by layer."""
+    import onnx
+    from .. import sensitivity
+    traced = layers_mod.trace(ctx.teacher.model)
+    try:
+        quant_ort.layer_nodes(onnx.load_from_string(source_onnx), traced["order"])
+    except ValueError as exc:
+        raise InvalidParameter("fp32_layers", "sensitivity", f"this model's ONNX graph cannot be matched to its "
+                               f"layers ({exc}); choose another fp32_layers") from None
+    scan = sensitivity.allocation_scan(ctx.teacher, ctx.data, "quantize", p["granularity"], ctx.progress)
+    fragile = [n for n in scan["fragile"] if n in traced["layers"] and not traced["layers"][n]["classifier"]]
+    return fragile, traced["order"]
 
 
 def resolve_calibration(choice: str, arch: str) -> str:
