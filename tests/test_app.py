@@ -85,6 +85,18 @@ def teacher(make_teacher):
 
 
 # ----------------------------------------------------------------------------- first launch
+def test_every_technique_page_answers_a_deep_link():
+    """A fresh server serves a first request for /<page> from pages/<page>.py (test_browser checks one): every
+    registered technique's page has that file, and it only hands the session to app.py's navigation."""
+    root = Path(__file__).resolve().parent.parent
+    for name in technique_names():
+        stub = root / "pages" / f"{get_technique(name).page_url}.py"
+        assert stub.is_file(), f"{name}: add {stub.relative_to(root)} (see docs/contributing.md)"
+        import ast
+        body = ast.parse(stub.read_text()).body
+        assert [ast.unparse(n) for n in body if not isinstance(n, ast.Expr)] == ["import pages"], stub
+
+
 def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):
     at = new_app()
     assert not at.exception
