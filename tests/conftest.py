@@ -17,6 +17,7 @@ os.environ.setdefault("COMPRESSION_LAB_DATA", os.path.join(_SESSION_CACHE, "data
 # that took 6 s or more in a full run (mostly training: fine-tuning, distillation, teachers)
 SLOW_FILES = {"test_browser.py", "test_cluster.py", "test_classroom.py", "test_export.py", "test_layers.py"}
 SLOW_TESTS = {
+    "test_allocation.py::test_int8_keeps_the_most_fragile_layers_in_fp32",
     "test_allocation.py::test_mixed_precision_meets_the_average_bits_and_loads_back",
     "test_allocation.py::test_structured_allocation_meets_the_macs_target",
     "test_allocation.py::test_unstructured_allocation_zeroes_as_many_weights",
