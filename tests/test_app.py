@@ -95,6 +95,11 @@ def test_every_technique_page_answers_a_deep_link():
         import ast
         body = ast.parse(stub.read_text()).body
         assert [ast.unparse(n) for n in body if not isinstance(n, ast.Expr)] == ["import pages"], stub
+    # until st.navigation runs, every file in pages/ is a page whose URL is its name without leading "_" or
+    # digits: two files with one URL break every request (pages/_pipeline.py and pages/pipeline.py did)
+    import re
+    urls = [re.sub(r"^[_\d]+", "", f.stem) for f in (root / "pages").glob("*.py") if f.stem != "__init__"]
+    assert len(urls) == len(set(urls)), sorted(u for u in urls if urls.count(u) > 1)
 
 
 def test_every_page_loads_on_first_launch_with_nothing_cached(fresh_cache):

@@ -211,6 +211,6 @@ SPEC = register(TechniqueSpec(
                            '(prune, then distill, then quantize; each at most once)')],
     apply=apply, load=load, check=_check, trains_if=trains,
     refresh=lambda out, ctx: apply(ctx),   # another evaluation size: every step is cached, only measured again
-    url="pipeline", icon=":material/conveyor_belt:", color="#b279a2", page="pages._pipeline",
+    url="pipeline", icon=":material/conveyor_belt:", color="#b279a2", page="pages._pipeline_view",
     version=1,
 ))
