@@ -340,7 +340,7 @@ def _convert_choosing_fp32_layers(ctx: Context, p: dict, source_onnx: bytes, ima
         for kept in candidates:
             int8_onnx = quant_ort.quantize_int8(source_onnx, images, p["granularity"] == "per_channel",
                                                 ctx.progress, method=method, percentile=pct,
-                                                keep_fp32=FP32_LAYERS.get(kept, ("classifier",)),
+                                                keep_fp32=FP32_LAYERS["sensitivity" if named else kept],
                                                 calibration_cache=os.path.join(tmp, "ranges.json"),
                                                 reduce_range=weights == "7bit",
                                                 keep_layers=named.get(kept, ()), layer_order=order)
