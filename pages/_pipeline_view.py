@@ -39,11 +39,7 @@ def _step_builder(steps: list[str]) -> None:
 
 
 def render(name: str) -> None:
-    spec = get_technique(name)
-    st.title(spec.title)
-    st.caption(spec.summary)
-    data = _resources.require_data()
-    teacher = _resources.require_teacher(data)
+    spec, data, teacher = _technique.header(name)
     ss = st.session_state
     steps = ss.setdefault(STEPS, ["prune:ratio=0.5", "quantize:bits=4"])
 

@@ -22,12 +22,17 @@ def teacher_reference(teacher) -> float | None:
     return hist[-1].get("val_accuracy") if hist else None
 
 
-def render(name: str) -> None:
+def header(name: str):
+    """A technique page's title and summary; (spec, data, teacher), or the page stops where either is missing."""
     spec = get_technique(name)
     st.title(spec.title)
     st.caption(spec.summary)
     data = _resources.require_data()
-    teacher = _resources.require_teacher(data)
+    return spec, data, _resources.require_teacher(data)
+
+
+def render(name: str) -> None:
+    spec, data, teacher = header(name)
     ss = st.session_state
 
     left, right = st.columns([1, 2], gap="large")
