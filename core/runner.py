@@ -73,9 +73,7 @@ def _request(cfg: ExperimentConfig, teacher: Teacher, data) -> dict:
     request = {"dataset": data.fingerprint, "teacher": teacher.meta.get("sha256"),
                "technique": cfg.technique, "version": spec.version, "runner": RUNNER_VERSION,
                "params": cfg.params, "eval_size": cfg.eval_size}
-    machine = spec.machine_params(cfg.params) if spec.machine_params else {}
-    if machine:   # only then: every other key stays as it was
-        request["machine"] = machine
+    request.update(spec.key_parts(cfg.params))   # only when not empty: every other key stays as it was
     if cfg.target != DEFAULT_TARGET:   # likewise: edge-cpu keys are the keys made before targets existed
         request["target"] = cfg.target
     return request

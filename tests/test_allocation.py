@@ -1,4 +1,4 @@
-"""allocation=sensitivity (core/sensitivity.py allocate_*): per-layer pruning ratios and bit widths chosen from the
+"""allocation=sensitivity (core/allocation.py): per-layer pruning ratios and bit widths chosen from the
 sensitivity scan meet the same global target as uniform; uniform keeps every existing cache key; bad input."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from core import metrics, sensitivity
+from core import allocation, metrics, sensitivity
 from core.cli import main
 from core.errors import InvalidParameter
 from core.techniques import Context, get_technique
@@ -26,7 +26,7 @@ def teacher(make_teacher):
 @pytest.fixture(autouse=True)
 def small_scans(monkeypatch):
     """The allocation's scan on 100 training images and fewer settings: the same code, a few seconds."""
-    monkeypatch.setattr(sensitivity, "ALLOCATION_SCAN", {"eval_size": 100, "split": "train"})
+    monkeypatch.setattr(allocation, "ALLOCATION_SCAN", {"eval_size": 100, "split": "train"})
     monkeypatch.setitem(sensitivity.DEFAULT_SETTINGS, "prune", (0.3, 0.6, 0.9))
     monkeypatch.setitem(sensitivity.DEFAULT_SETTINGS, "quantize", (8, 4, 3, 2))
 
@@ -50,12 +50,13 @@ def test_uniform_keeps_the_parameters_and_so_every_existing_cache_key():
         assert spec.validate({"allocation": "sensitivity"})["allocation"] == "sensitivity"
 
 
-def test_structured_allocation_meets_the_macs_target(teacher, shapes, capsys):
+def test_structured_allocation_meets_the_macs_target(teacher, shapes, capsys, monkeypatch):
+    monkeypatch.setattr(pruning, "SEARCH_SHIFTS", (None,))   # the scan's own allocation, unbounded
     _, uniform = _apply(teacher, shapes, "prune", method="structured", ratio=0.3)
     p, alloc = _apply(teacher, shapes, "prune", method="structured", ratio=0.3, allocation="sensitivity")
     assert p["allocation"] == "sensitivity"
     macs_u, macs_s = metrics.count_macs(uniform.model), metrics.count_macs(alloc.model)
-    assert abs(macs_s / macs_u - 1) <= sensitivity.ALLOCATION_TOLERANCE, (macs_s, macs_u)
+    assert abs(macs_s / macs_u - 1) <= allocation.ALLOCATION_TOLERANCE, (macs_s, macs_u)
     ratios = alloc.extra["allocation"]
     assert set(ratios) == {n for n, _ in pruning.prunable_layers(teacher.model)}
     assert len(set(ratios.values())) > 2   # not uniform
@@ -70,6 +71,35 @@ def test_structured_allocation_meets_the_macs_target(teacher, shapes, capsys):
         print(f"\n[allocation] tiny ResNet-34 ({acc_t:.3f}), structured 0.3: MACs uniform {macs_u:,} "
               f"sensitivity {macs_s:,} ({macs_s / macs_u - 1:+.1%}); accuracy uniform {acc_u:.3f} "
               f"sensitivity {acc_s:.3f}")
+
+
+def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes):
+    """The scan's losses are added up as if layers were independent; each candidate (ratios within
+    SEARCH_SHIFTS of uniform, uniform itself last) is pruned and corrected as the result is, measured on the
+    scan's training images, and the most accurate kept: never worse than uniform on those images."""
+    _, uniform = _apply(teacher, shapes, "prune", method="structured", ratio=0.5)
+    p, alloc = _apply(teacher, shapes, "prune", method="structured", ratio=0.5, allocation="sensitivity")
+    search = alloc.extra["allocation_search"]
+    tried = search["tried"]
+    assert [t["max_shift"] for t in tried] == list(pruning.SEARCH_SHIFTS) and pruning.SEARCH_SHIFTS[-1] == 0
+    images, labels = sensitivity.scan_images(shapes, allocation.ALLOCATION_SCAN)
+    assert search["images"] == len(labels)
+    one = 1 / len(labels) + 1e-9
+    # the uniform candidate is the uniform result, measured the same way
+    assert tried[-1]["macs"] == alloc.extra["allocation_target"]["macs_uniform"]
+    assert tried[-1]["accuracy"] == pytest.approx(sensitivity.accuracy_on(uniform.model, images, labels), abs=one)
+    best = max(t["accuracy"] for t in tried)
+    assert sensitivity.accuracy_on(alloc.model, images, labels) == pytest.approx(best, abs=one)
+    chosen = next(t for t in tried if t["accuracy"] == best)
+    assert search["chosen_max_shift"] == chosen["max_shift"]
+    assert alloc.extra["allocation_target"]["macs"] == chosen["macs"]
+    for t in tried:
+        assert abs(t["macs"] / tried[-1]["macs"] - 1) <= allocation.ALLOCATION_TOLERANCE, t
+    # a changed rule of the search changes the key of these results only
+    spec = get_technique("prune")
+    assert spec.key_parts(p) == {"rules": {"structured_allocation": 2}}
+    assert spec.key_parts(spec.validate({"method": "structured"})) == {}
+    assert spec.key_parts(spec.validate({"method": "unstructured", "allocation": "sensitivity"})) == {}
 
 
 def test_unstructured_allocation_zeroes_as_many_weights(teacher, shapes):
@@ -88,7 +118,7 @@ def test_mixed_precision_meets_the_average_bits_and_loads_back(teacher, shapes):
     assert set(bits.values()) <= set(range(2, 9)) and len(set(bits.values())) > 1
     sizes = {n: m.weight.numel() for n, m in quant_fake.quantizable_layers(teacher.model)}
     avg = sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values())
-    assert 3 * (1 - sensitivity.ALLOCATION_TOLERANCE) <= avg <= 3 and out.extra["average_bits"] == pytest.approx(avg)
+    assert 3 * (1 - allocation.ALLOCATION_TOLERANCE) <= avg <= 3 and out.extra["average_bits"] == pytest.approx(avg)
     record = out.state["weights"]
     assert out.extra["packed_weight_bytes"] == sum(math.ceil(sizes[n] * bits[n] / 8) for n in sizes)
     assert record["bits"] == [bits[n] for n in record["names"]]
@@ -126,7 +156,7 @@ def test_allocation_checks_in_the_library():
     with pytest.raises(InvalidParameter):
         get_technique("quantize").validate({"mode": "fp16", "allocation": "sensitivity"})
     with pytest.raises(InvalidParameter):
-        sensitivity.allocate_unstructured({"settings": [0.3, 0.9], "layers": []}, 0.95, {})
+        allocation.allocate_unstructured({"settings": [0.3, 0.9], "layers": []}, 0.95, {})
 
 
 @pytest.mark.parametrize("arch", ["resnet34", "densenet121", "vgg16_bn"])
@@ -168,7 +198,7 @@ def test_int8_keeps_the_most_fragile_layers_in_fp32(teacher, shapes, monkeypatch
     p, out = _apply(teacher, shapes, "quantize", mode="int8", allocation="sensitivity", calibration_images=64)
     assert p["allocation"] == p["fp32_layers"] == "sensitivity"
     assert get_technique("quantize").validate({"mode": "int8", "fp32_layers": "sensitivity", "calibration_images": 64}) == p
-    scan = sensitivity.allocation_scan(teacher, shapes, "quantize", "per_channel")
+    scan = allocation.allocation_scan(teacher, shapes, "quantize", "per_channel")
     kept = out.extra["fp32_layer_names"]
     assert out.extra["fp32_layers"] == "sensitivity" and kept == [n for n in scan["fragile"] if n != "fc"][:2]
     readers = {}

@@ -124,6 +124,9 @@ class TechniqueSpec:
     # the parameters whose "auto" this machine decides, resolved: part of the cache key, so another CPU
     # computes its own result instead of being served one made for different hardware
     machine_params: Optional[Callable[[dict], dict]] = None
+    # versions of rules that only some parameter values use (allocation=sensitivity's search): in the cache
+    # key only for those values, so that changing such a rule leaves every other result's key as it was
+    rule_versions: Optional[Callable[[dict], dict]] = None
     # a stored trained model measured on another evaluation size: redo what depends on it (distillation's
     # from-scratch twin is measured on the same images)
     refresh: Optional[Callable[["TechniqueOutput", Context], "TechniqueOutput"]] = None
@@ -144,6 +147,13 @@ class TechniqueSpec:
     @property
     def page_url(self) -> str:
         return self.url or self.name
+
+    def key_parts(self, params: dict) -> dict:
+        """What besides the technique, version and parameters decides a result: {"machine": ..., "rules": ...},
+        each only when not empty."""
+        parts = {"machine": self.machine_params(params) if self.machine_params else {},
+                 "rules": self.rule_versions(params) if self.rule_versions else {}}
+        return {k: v for k, v in parts.items() if v}
 
     def validate(self, params: dict | None) -> dict:
         params = dict(params or {})

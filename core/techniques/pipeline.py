@@ -142,7 +142,8 @@ def apply(ctx: Context) -> TechniqueOutput:
     counts = {"params": metrics.count_params(model), "nonzero_params": metrics.count_nonzero_params(model)}
     for i, (name, params) in enumerate(steps):
         spec = get_technique(name)
-        key = cache.stable_hash({"after": key, "technique": name, "version": spec.version, "params": params}, 16)
+        key = cache.stable_hash({"after": key, "technique": name, "version": spec.version, "params": params,
+                                 **spec.key_parts(params)}, 16)
         path = pipeline_dir() / f"{key}.lab"
         t0 = time.perf_counter()
         loaded = None

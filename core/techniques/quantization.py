@@ -232,11 +232,11 @@ def _apply_fake(ctx: Context, p: dict) -> TechniqueOutput:
 
 def _sensitivity_bits(ctx: Context, p: dict, model: nn.Module) -> dict[str, int]:
     """allocation=sensitivity: {layer: bits} with an average weighted by parameters of at most p["bits"]."""
-    from .. import sensitivity
-    scan = sensitivity.allocation_scan(ctx.teacher, ctx.data, "quantize", p["granularity"], ctx.progress)
+    from .. import allocation
+    scan = allocation.allocation_scan(ctx.teacher, ctx.data, "quantize", p["granularity"], ctx.progress)
     scanned = {r["name"] for r in scan["layers"]}
     sizes = {n: m.weight.numel() for n, m in quant_fake.quantizable_layers(model) if n in scanned}
-    return sensitivity.allocate_bits(scan, p["bits"], sizes)
+    return allocation.allocate_bits(scan, p["bits"], sizes)
 
 
 def _load_fake(state: dict, ctx: Context) -> nn.Module:
@@ -372,14 +372,14 @@ def _fragile_layers(ctx: Context, p: dict, source_onnx: bytes) -> tuple[list[str
     left out; every layer in the order it runs). Raises InvalidParameter where the ONNX graph's nodes
     cannot be told apart by layer."""
     import onnx
-    from .. import sensitivity
+    from .. import allocation
     traced = layers_mod.trace(ctx.teacher.model)
     try:
         quant_ort.layer_nodes(onnx.load_from_string(source_onnx), traced["order"])
     except ValueError as exc:
         raise InvalidParameter("fp32_layers", "sensitivity", f"this model's ONNX graph cannot be matched to its "
                                f"layers ({exc}); choose another fp32_layers") from None
-    scan = sensitivity.allocation_scan(ctx.teacher, ctx.data, "quantize", p["granularity"], ctx.progress)
+    scan = allocation.allocation_scan(ctx.teacher, ctx.data, "quantize", p["granularity"], ctx.progress)
     fragile = [n for n in scan["fragile"] if n in traced["layers"] and not traced["layers"][n]["classifier"]]
     return fragile, traced["order"]
 
