@@ -92,6 +92,7 @@ def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes
     assert sensitivity.accuracy_on(alloc.model, images, labels) == pytest.approx(best, abs=one)
     chosen = next(t for t in tried if t["accuracy"] == best)
     assert search["chosen_max_shift"] == chosen["max_shift"]
+    assert any(n.startswith(f"allocations measured on {len(labels)} training images") for n in alloc.notes)
     assert alloc.extra["allocation_target"]["macs"] == chosen["macs"]
     for t in tried:
         assert abs(t["macs"] / tried[-1]["macs"] - 1) <= allocation.ALLOCATION_TOLERANCE, t

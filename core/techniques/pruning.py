@@ -315,6 +315,8 @@ def apply(ctx: Context) -> TechniqueOutput:
         extra.update(info)
         notes.append("allocation=sensitivity: each layer's ratio was chosen from the sensitivity scan (500 training "
                      "images) for the same total as uniform pruning at this ratio; extra.allocation lists them")
+        if "allocation_search" in info:
+            notes.append(_search_note(info["allocation_search"]))
     # the file sizes of unstructured pruning are measured once, here, and reused by the runner
     sizes = ({"size_bytes": extra["dense_bytes"], "gzip_bytes": extra["gzip_bytes"], "file_bytes": extra["dense_bytes"]}
              if "gzip_bytes" in extra else {})
@@ -339,6 +341,14 @@ def _prune_and_correct(model: nn.Module, ctx: Context, p: dict, ratios: dict[str
 # VGG16-BN cuts in consecutive layers compound, and the unbounded allocation lost 13 points to uniform
 # (docs/sensitivity.md), so the candidates are measured and the best one kept.
 SEARCH_SHIFTS = (None, 0.3, 0.2, 0.1, 0.0)
+
+
+def _search_note(search: dict) -> str:
+    def what(shift):
+        return "uniform" if shift == 0 else "the scan's own" if shift is None else f"within ±{shift:g}"
+    tried = ", ".join(f"{what(t['max_shift'])} {t['accuracy']:.1%}" for t in search["tried"])
+    return (f"allocations measured on {search['images']} training images after batch-norm correction: {tried}; "
+            f"kept: {what(search['chosen_max_shift'])}")
 
 
 def _sensitivity_structured(model: nn.Module, ctx: Context, p: dict) -> tuple[nn.Module, int, dict, dict]:
