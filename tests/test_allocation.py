@@ -31,10 +31,10 @@ def small_scans(monkeypatch):
     monkeypatch.setitem(sensitivity.DEFAULT_SETTINGS, "quantize", (8, 4, 3, 2))
 
 
-def _apply(teacher, data, technique: str, **params):
+def _apply(teacher, data, technique: str, progress=None, **params):
     spec = get_technique(technique)
     p = spec.validate(params)
-    out = spec.apply(Context(teacher=teacher, data=data, params=p, eval_size=EVAL))
+    out = spec.apply(Context(teacher=teacher, data=data, params=p, eval_size=EVAL, progress=progress))
     return p, out
 
 
@@ -78,7 +78,11 @@ def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes
     SEARCH_SHIFTS of uniform, uniform itself last) is pruned and corrected as the result is, measured on the
     scan's training images, and the most accurate kept: never worse than uniform on those images."""
     _, uniform = _apply(teacher, shapes, "prune", method="structured", ratio=0.5)
-    p, alloc = _apply(teacher, shapes, "prune", method="structured", ratio=0.5, allocation="sensitivity")
+    events = []
+    p, alloc = _apply(teacher, shapes, "prune", events.append, method="structured", ratio=0.5,
+                      allocation="sensitivity")
+    measuring = [e.message for e in events if e.message.startswith("measuring allocation")]
+    assert 1 <= len(measuring) <= len(pruning.SEARCH_SHIFTS)   # the same allocation is measured once
     search = alloc.extra["allocation_search"]
     tried = search["tried"]
     assert [t["max_shift"] for t in tried] == list(pruning.SEARCH_SHIFTS) and pruning.SEARCH_SHIFTS[-1] == 0

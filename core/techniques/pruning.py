@@ -375,7 +375,7 @@ def _sensitivity_structured(model: nn.Module, ctx: Context, p: dict) -> tuple[nn
         if same is not None:   # an allocation already measured
             tried.append(dict(same, max_shift=shift))
             continue
-        emit(ctx.progress, stage="prune", kind="progress", current=i, total=len(SEARCH_SHIFTS),
+        emit(ctx.progress, stage="prune", kind="message",
              message=f"measuring allocation {i + 1}/{len(SEARCH_SHIFTS)} (each ratio within "
                      f"{'any' if shift is None else f'±{shift:g}'} of {p['ratio']:g})")
         candidate = copy.deepcopy(model)
