@@ -78,9 +78,8 @@ def one_teacher(dataset: str, model: str, ratio: float, epochs: int, eval_size: 
         row[f"prune_{alloc}"] = {"accuracy": acc(s["compressed"]), "macs": s["compressed"]["macs"]}
         search = (s["compressed"].get("extra") or {}).get("allocation_search")
         if search:   # the candidates measured on the scan's training images, and the one kept
-            row[f"prune_{alloc}"]["search"] = {"chosen_max_shift": search["chosen_max_shift"],
-                                               "tried": [(t["max_shift"], round(100 * t["accuracy"], 1))
-                                                         for t in search["tried"]]}
+            row[f"prune_{alloc}"]["search"] = [(t["source"], t["max_shift"], round(100 * t["accuracy"], 1),
+                                                t["chosen"]) for t in search["tried"]]
         q = lab("compress", *common, "--technique", "quantize", "--mode", "fake", "--bits", "3",
                 "--allocation", alloc)
         row[f"bits3_{alloc}"] = {"accuracy": acc(q["compressed"]),

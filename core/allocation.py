@@ -35,8 +35,9 @@ def drop_curve(result: dict, layer: str) -> tuple[list[float], list[float]]:
     pts = sorted((float(s), base - row["accuracy"][setting_label(s)]) for s in result["settings"]
                  if row["accuracy"].get(setting_label(s)) is not None)
     if result["technique"] == "prune":
-        pts = [(0.0, 0.0)] + [p for p in pts if p[0] > 0]
-        xs, ys, worst = [], [], 0.0
+        if result.get("anchored", True):   # a context scan's curve passes through its own base instead
+            pts = [(0.0, 0.0)] + [p for p in pts if p[0] > 0]
+        xs, ys, worst = [], [], -math.inf
         for x, y in pts:
             worst = max(worst, y)
             xs.append(x)
@@ -164,6 +165,7 @@ class StructuredPlan:
 
     def __init__(self, model: nn.Module, input_size=(1, 3, 32, 32)):
         self.dg, found = structured_groups(model)
+        self.found = found   # (representative, torch-pruning group, importance per channel)
         names = {m: n for n, m in model.named_modules()}
         counts = layer_counts(model, input_size)
         self.groups = [rep for rep, _, _ in found]
@@ -266,3 +268,73 @@ def allocate_structured(result: dict, plan: StructuredPlan, ratio: float, multip
             break
         kept = best[1]
     return kept, {"target_macs": target, "macs": plan.macs(kept)}
+
+
+def context_scan(model: nn.Module, images, labels, plan: StructuredPlan, ratio: float, multiple: int,
+                 settings=(0.1, 0.3, 0.5, 0.7, 0.9)) -> dict:
+    """A structured scan around uniform pruning instead of around the teacher: every group loses what the
+    lab's pruner removes at `ratio`, then one group at a time is moved to each setting, and the accuracy on
+    `images` is measured against that uniformly pruned model. A single-layer scan misses how cuts compound
+    along a plain chain (VGG); measured in the company of the other cuts, each group's loss (or gain, below
+    `ratio`) includes them. Channels are zeroed as the scan zeroes them (sensitivity._ZeroedGroup), ranked
+    by the teacher's importance, and every weight is restored afterwards. Returns a scan-like dict (one row
+    per group, named by its representative) for `allocate_structured`."""
+    import torch
+    from .sensitivity import SuffixEvaluator, _ZeroedGroup
+    names = {m: n for n, m in model.named_modules()}
+    uniform = {rep: plan.channels[rep] - k for rep, k in plan.uniform(ratio, multiple).items()}
+    groups = {rep: (group, imp) for rep, group, imp in plan.found}
+    cache: dict = {}
+
+    def zeros(rep: str, n: int) -> list:
+        """What removing the n least important channels of group `rep` zeroes: (tensor, dim, index)."""
+        if (rep, n) not in cache:
+            group, imp = groups[rep]
+            idx = torch.topk(imp, k=min(n, len(imp) - 1), largest=False).indices.tolist() if n > 0 else []
+            cache[rep, n] = [it for it in _ZeroedGroup(plan.dg, group, idx).items if it[0] is not None] if idx else []
+        return cache[rep, n]
+
+    tensors = {rep: {id(t): t for t, _, _ in zeros(rep, max(uniform[rep], 1))} for rep in groups}
+    users: dict[int, list[str]] = {}
+    for rep, ts in tensors.items():
+        for key in ts:
+            users.setdefault(key, []).append(rep)
+    originals = {key: t.detach().clone() for ts in tensors.values() for key, t in ts.items()}
+    every = {key: t for ts in tensors.values() for key, t in ts.items()}
+
+    def set_state(removed: dict[str, int], keys) -> None:
+        with torch.no_grad():
+            for key in keys:
+                t = every[key]
+                t.copy_(originals[key])
+                for rep in users[key]:
+                    for u, dim, idx in zeros(rep, removed[rep]):
+                        if u is t:
+                            u.index_fill_(dim, idx, 0.0)
+
+    touched = {rep: {names[d.target.module] for d, _ in groups[rep][0]
+                     if d.target.module in names and list(d.target.module.parameters(recurse=False))}
+               for rep in groups}
+    rows, labels_of = [], [setting_label(x) for x in settings]
+    try:
+        set_state(uniform, every)
+        ev = SuffixEvaluator(model, images, labels, list(touched.values()))
+        base = ev.base_accuracy()
+        for rep in groups:
+            acc = {}
+            for x, label in zip(settings, labels_of):
+                n = plan.channels[rep] - kept_channels(plan.channels[rep], x, multiple)
+                if n == uniform[rep]:
+                    acc[label] = base
+                    continue
+                set_state(dict(uniform, **{rep: n}), tensors[rep])
+                acc[label] = ev.accuracy(touched[rep])
+                set_state(uniform, tensors[rep])
+            acc[setting_label(ratio)] = base
+            rows.append({"name": rep, "accuracy": acc})
+    finally:
+        with torch.no_grad():
+            for key, t in every.items():
+                t.copy_(originals[key])
+    return {"technique": "prune", "method": "structured", "anchored": False, "baseline_accuracy": base,
+            "settings": sorted(set(settings) | {ratio}), "layers": rows, "eval_images": len(labels)}

@@ -51,7 +51,7 @@ def test_uniform_keeps_the_parameters_and_so_every_existing_cache_key():
 
 
 def test_structured_allocation_meets_the_macs_target(teacher, shapes, capsys, monkeypatch):
-    monkeypatch.setattr(pruning, "SEARCH_SHIFTS", (None,))   # the scan's own allocation, unbounded
+    monkeypatch.setattr(pruning, "SEARCH", (("scan", None),))   # the scan's own allocation, unbounded
     _, uniform = _apply(teacher, shapes, "prune", method="structured", ratio=0.3)
     p, alloc = _apply(teacher, shapes, "prune", method="structured", ratio=0.3, allocation="sensitivity")
     assert p["allocation"] == "sensitivity"
@@ -74,18 +74,19 @@ def test_structured_allocation_meets_the_macs_target(teacher, shapes, capsys, mo
 
 
 def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes):
-    """The scan's losses are added up as if layers were independent; each candidate (ratios within
-    SEARCH_SHIFTS of uniform, uniform itself last) is pruned and corrected as the result is, measured on the
-    scan's training images, and the most accurate kept: never worse than uniform on those images."""
+    """The scan's losses are added up as if layers were independent; each candidate of pruning.SEARCH
+    (uniform itself last) is pruned and corrected as the result is, measured on the scan's training images,
+    and the most accurate kept: never worse than uniform on those images."""
     _, uniform = _apply(teacher, shapes, "prune", method="structured", ratio=0.5)
     events = []
     p, alloc = _apply(teacher, shapes, "prune", events.append, method="structured", ratio=0.5,
                       allocation="sensitivity")
     measuring = [e.message for e in events if e.message.startswith("measuring allocation")]
-    assert 1 <= len(measuring) <= len(pruning.SEARCH_SHIFTS)   # the same allocation is measured once
+    assert 1 <= len(measuring) <= len(pruning.SEARCH)   # the same allocation is measured once
     search = alloc.extra["allocation_search"]
     tried = search["tried"]
-    assert [t["max_shift"] for t in tried] == list(pruning.SEARCH_SHIFTS) and pruning.SEARCH_SHIFTS[-1] == 0
+    assert [(t["source"], t["max_shift"]) for t in tried] == list(pruning.SEARCH)
+    assert pruning.SEARCH[-1] == ("uniform", 0.0)
     images, labels = sensitivity.scan_images(shapes, allocation.ALLOCATION_SCAN)
     assert search["images"] == len(labels)
     one = 1 / len(labels) + 1e-9
@@ -94,17 +95,48 @@ def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes
     assert tried[-1]["accuracy"] == pytest.approx(sensitivity.accuracy_on(uniform.model, images, labels), abs=one)
     best = max(t["accuracy"] for t in tried)
     assert sensitivity.accuracy_on(alloc.model, images, labels) == pytest.approx(best, abs=one)
-    chosen = next(t for t in tried if t["accuracy"] == best)
-    assert search["chosen_max_shift"] == chosen["max_shift"]
+    chosen = [t for t in tried if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["accuracy"] == best
+    assert alloc.extra["allocation_target"]["macs"] == chosen[0]["macs"]
     assert any(n.startswith(f"allocations measured on {len(labels)} training images") for n in alloc.notes)
-    assert alloc.extra["allocation_target"]["macs"] == chosen["macs"]
     for t in tried:
         assert abs(t["macs"] / tried[-1]["macs"] - 1) <= allocation.ALLOCATION_TOLERANCE, t
     # a changed rule of the search changes the key of these results only
     spec = get_technique("prune")
-    assert spec.key_parts(p) == {"rules": {"structured_allocation": 2}}
+    assert spec.key_parts(p) == {"rules": {"structured_allocation": 3}}
     assert spec.key_parts(spec.validate({"method": "structured"})) == {}
     assert spec.key_parts(spec.validate({"method": "unstructured", "allocation": "sensitivity"})) == {}
+
+
+def test_context_scan_moves_one_group_away_from_uniform_pruning(teacher, shapes):
+    """allocation.context_scan: the base is the uniformly pruned model, each row one group moved to another
+    ratio with every other group still pruned, as torch-pruning would prune them; the weights come back."""
+    model = copy.deepcopy(teacher.model).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = allocation.StructuredPlan(model)
+    images, labels = sensitivity.scan_images(shapes, {"eval_size": 100, "split": "train"})
+    ctx = allocation.context_scan(model, images, labels, plan, 0.5, 8, settings=(0.25, 0.75))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ctx["settings"] == [0.25, 0.5, 0.75] and [r["name"] for r in ctx["layers"]] == plan.groups
+    assert all(r["accuracy"]["0.5"] == ctx["baseline_accuracy"] for r in ctx["layers"])
+
+    def real(moved=None):
+        m = copy.deepcopy(teacher.model)
+        mods = dict(m.named_modules())
+        pruning.structured_prune(m, 0.5, channel_multiple=8, ratios={mods[g]: r for g, r in (moved or {}).items()})
+        with torch.inference_mode():
+            return m(images.contiguous()).argmax(1)
+
+    base = real()
+    assert ctx["baseline_accuracy"] == pytest.approx(float((base == labels).float().mean()), abs=1e-9)
+    moved = 0
+    for row in ctx["layers"][:: max(1, len(ctx["layers"]) // 4)]:
+        for x in (0.25, 0.75):
+            pred = real({row["name"]: x})
+            assert row["accuracy"][sensitivity.setting_label(x)] == pytest.approx(float((pred == labels).float().mean()),
+                                                                                   abs=1e-9), (row["name"], x)
+            moved += not torch.equal(pred, base)
+    assert moved
 
 
 def test_unstructured_allocation_zeroes_as_many_weights(teacher, shapes):

@@ -336,24 +336,29 @@ def _prune_and_correct(model: nn.Module, ctx: Context, p: dict, ratios: dict[str
     return bn_correction.correct_against_teacher(model, ctx, _kept_channels_per_bn(model, saved))
 
 
-# How far each group's ratio may move from the uniform ratio, tried in this order (None: as far as the scan
-# goes; 0: uniform itself). The scan's losses are single-layer losses added up; on a plain chain such as
-# VGG16-BN cuts in consecutive layers compound, and the unbounded allocation lost 13 points to uniform
-# (docs/sensitivity.md), so the candidates are measured and the best one kept.
-SEARCH_SHIFTS = (None, 0.3, 0.2, 0.1, 0.0)
+# The candidates of structured allocation=sensitivity, measured in this order: (loss curves, how far each
+# group's ratio may move from the uniform ratio; None: as far as the curves go). "scan": the single-layer
+# scan around the teacher; "context": a scan around the uniformly pruned model (allocation.context_scan);
+# "uniform": uniform pruning itself. Single-layer losses added up miss how cuts compound along a plain
+# chain: on VGG16-BN the scan's own allocation lost 13 points to uniform (docs/sensitivity.md).
+SEARCH = (("scan", None), ("scan", 0.3), ("scan", 0.2), ("scan", 0.1), ("context", None), ("context", 0.2),
+          ("uniform", 0.0))
 
 
 def _search_note(search: dict) -> str:
     def what(shift):
-        return "uniform" if shift == 0 else "the scan's own" if shift is None else f"within ±{shift:g}"
-    tried = ", ".join(f"{what(t['max_shift'])} {t['accuracy']:.1%}" for t in search["tried"])
+        return "unbounded" if shift is None else f"within ±{shift:g}"
+    def name(t):
+        return "uniform" if t["source"] == "uniform" else f"{t['source']} ({what(t['max_shift'])})"
+    tried = ", ".join(f"{name(t)} {t['accuracy']:.1%}" for t in search["tried"])
+    chosen = next(t for t in search["tried"] if t["chosen"])
     return (f"allocations measured on {search['images']} training images after batch-norm correction: {tried}; "
-            f"kept: {what(search['chosen_max_shift'])}")
+            f"kept: {name(chosen)}")
 
 
 def _sensitivity_structured(model: nn.Module, ctx: Context, p: dict) -> tuple[nn.Module, int, dict, dict]:
     """Structured allocation=sensitivity: per-group ratios from the scan for uniform pruning's MACs at
-    p["ratio"], one candidate per SEARCH_SHIFTS, each pruned and corrected as the result will be and measured
+    p["ratio"], one candidate per SEARCH, each pruned and corrected as the result will be and measured
     on the scan's training images; the most accurate is kept (ties: the earlier). Returns (the pruned
     model, batch norms corrected, {layer: fraction of its output channels removed}, what was targeted and
     tried)."""
@@ -367,22 +372,28 @@ def _sensitivity_structured(model: nn.Module, ctx: Context, p: dict) -> tuple[nn
     finally:
         torch.set_num_threads(threads)
     images, labels = sensitivity.scan_images(ctx.data, allocation.ALLOCATION_SCAN)
+    curves = {"scan": scan, "uniform": scan}
     tried, best = [], None
-    for i, shift in enumerate(SEARCH_SHIFTS):
-        kept, macs = allocation.allocate_structured(scan, plan, p["ratio"], p["channel_multiple"],
+    for i, (source, shift) in enumerate(SEARCH):
+        if source not in curves:
+            emit(ctx.progress, stage="prune", kind="message",
+                 message=f"scanning each group around uniform pruning at {p['ratio']:g}")
+            curves[source] = allocation.context_scan(model, images, labels, plan, p["ratio"], p["channel_multiple"])
+        kept, macs = allocation.allocate_structured(curves[source], plan, p["ratio"], p["channel_multiple"],
                                                     STRUCTURED_MAX_RATIO, shift)
         same = next((t for t in tried if t["kept"] == kept), None)
         if same is not None:   # an allocation already measured
-            tried.append(dict(same, max_shift=shift))
+            tried.append(dict(same, source=source, max_shift=shift))
             continue
         emit(ctx.progress, stage="prune", kind="message",
-             message=f"measuring allocation {i + 1}/{len(SEARCH_SHIFTS)} (each ratio within "
+             message=f"measuring allocation {i + 1}/{len(SEARCH)} ({source}, each ratio within "
                      f"{'any' if shift is None else f'±{shift:g}'} of {p['ratio']:g})")
         candidate = copy.deepcopy(model)
         corrected = _prune_and_correct(candidate, ctx, p, {g: allocation.ratio_for_kept(plan.channels[g], k)
                                                            for g, k in kept.items()}, None)
         acc = sensitivity.accuracy_on(candidate, images, labels)
-        tried.append({"max_shift": shift, "kept": kept, "macs": int(macs["macs"]), "accuracy": acc})
+        tried.append({"source": source, "max_shift": shift, "kept": kept, "macs": int(macs["macs"]),
+                      "accuracy": acc})
         if best is None or acc > best[0]:
             best = (acc, len(tried) - 1, candidate, corrected, macs)
     acc, index, pruned, corrected, macs = best
@@ -395,8 +406,9 @@ def _sensitivity_structured(model: nn.Module, ctx: Context, p: dict) -> tuple[nn
         layers.setdefault(name, 0.0)   # the classifier: its outputs are the classes
     info = {"allocation_target": {"macs_uniform": int(macs["target_macs"]), "macs": int(macs["macs"]),
                                   "measure": "conv/linear MACs"}, "allocation_scan": scan.get("key"),
-            "allocation_search": {"images": len(labels), "chosen_max_shift": tried[index]["max_shift"],
-                                  "tried": [{k: v for k, v in t.items() if k != "kept"} for t in tried]}}
+            "allocation_search": {"images": len(labels),
+                                  "tried": [dict({k: v for k, v in t.items() if k != "kept"}, chosen=j == index)
+                                            for j, t in enumerate(tried)]}}
     return pruned, corrected, {name: layers[name] for name, _ in prunable_layers(model)}, info
 
 
@@ -492,5 +504,6 @@ SPEC = register(TechniqueSpec(
     # 4: DenseNets exported for that timing as a running concatenation; 5: batch-norm correction;
     # 6: structured layers keep a multiple of channel_multiple (8) channels; 7: the nearest multiple
     version=7,
-    rule_versions=lambda p: ({"structured_allocation": 2}   # 2: candidates measured (SEARCH_SHIFTS)
+    # structured allocation 2: candidates measured; 3: candidates from a scan around uniform pruning too
+    rule_versions=lambda p: ({"structured_allocation": 3}
                              if p.get("allocation") == "sensitivity" and p.get("method") == "structured" else {})))
