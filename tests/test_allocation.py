@@ -103,7 +103,7 @@ def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes
         assert abs(t["macs"] / tried[-1]["macs"] - 1) <= allocation.ALLOCATION_TOLERANCE, t
     # a changed rule of the search changes the key of these results only
     spec = get_technique("prune")
-    assert spec.key_parts(p) == {"rules": {"structured_allocation": 3}}
+    assert spec.key_parts(p) == {"rules": {"structured_allocation": 4}}
     assert spec.key_parts(spec.validate({"method": "structured"})) == {}
     assert spec.key_parts(spec.validate({"method": "unstructured", "allocation": "sensitivity"})) == {}
 

@@ -504,6 +504,6 @@ SPEC = register(TechniqueSpec(
     # 4: DenseNets exported for that timing as a running concatenation; 5: batch-norm correction;
     # 6: structured layers keep a multiple of channel_multiple (8) channels; 7: the nearest multiple
     version=7,
-    # structured allocation 2: candidates measured; 3: candidates from a scan around uniform pruning too
-    rule_versions=lambda p: ({"structured_allocation": 3}
+    # structured allocation 2: candidates measured; 4: candidates from a scan around uniform pruning too
+    rule_versions=lambda p: ({"structured_allocation": 4}
                              if p.get("allocation") == "sensitivity" and p.get("method") == "structured" else {})))
