@@ -271,16 +271,18 @@ def allocate_structured(result: dict, plan: StructuredPlan, ratio: float, multip
 
 
 def context_scan(model: nn.Module, images, labels, plan: StructuredPlan, ratio: float, multiple: int,
-                 settings=(0.1, 0.3, 0.5, 0.7, 0.9)) -> dict:
+                 settings=(0.1, 0.3, 0.5, 0.7, 0.9), bn_correction: bool = True) -> dict:
     """A structured scan around uniform pruning instead of around the teacher: every group loses what the
     lab's pruner removes at `ratio`, then one group at a time is moved to each setting, and the accuracy on
     `images` is measured against that uniformly pruned model. A single-layer scan misses how cuts compound
     along a plain chain (VGG); measured in the company of the other cuts, each group's loss (or gain, below
     `ratio`) includes them. Channels are zeroed as the scan zeroes them (sensitivity._ZeroedGroup), ranked
-    by the teacher's importance, and every weight is restored afterwards. Returns a scan-like dict (one row
-    per group, named by its representative) for `allocate_structured`."""
+    by the teacher's importance, and every weight is restored afterwards. With `bn_correction` every state
+    is measured after the batch-norm correction the run applies (a uniformly pruned VGG16-BN is near chance
+    without it, which leaves nothing to compare). Returns a scan-like dict (one row per group, named by its
+    representative) for `allocate_structured`."""
     import torch
-    from .sensitivity import SuffixEvaluator, _ZeroedGroup
+    from .sensitivity import CorrectedBatchNorms, SuffixEvaluator, _ZeroedGroup
     names = {m: n for n, m in model.named_modules()}
     uniform = {rep: plan.channels[rep] - k for rep, k in plan.uniform(ratio, multiple).items()}
     groups = {rep: (group, imp) for rep, group, imp in plan.found}
@@ -316,9 +318,10 @@ def context_scan(model: nn.Module, images, labels, plan: StructuredPlan, ratio: 
                      if d.target.module in names and list(d.target.module.parameters(recurse=False))}
                for rep in groups}
     rows, labels_of = [], [setting_label(x) for x in settings]
+    bn = CorrectedBatchNorms(model).record(images) if bn_correction else None   # the teacher's statistics
     try:
         set_state(uniform, every)
-        ev = SuffixEvaluator(model, images, labels, list(touched.values()))
+        ev = SuffixEvaluator(model, images, labels, list(touched.values()), bn=bn)
         base = ev.base_accuracy()
         for rep in groups:
             acc = {}
@@ -333,6 +336,8 @@ def context_scan(model: nn.Module, images, labels, plan: StructuredPlan, ratio: 
             acc[setting_label(ratio)] = base
             rows.append({"name": rep, "accuracy": acc})
     finally:
+        if bn is not None:
+            bn.close()   # the model may be the teacher: no hook stays
         with torch.no_grad():
             for key, t in every.items():
                 t.copy_(originals[key])

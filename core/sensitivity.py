@@ -182,17 +182,61 @@ def layer_counts(model: nn.Module, input_size=(1, 3, 32, 32)) -> dict[str, dict]
 
 
 # ----------------------------------------------------------------------------- evaluation
+class CorrectedBatchNorms:
+    """Forward hooks on every batch norm of `model`: record(images) keeps each one's input statistics per chunk
+    of CHUNK images (the unchanged model's); in "shift" mode each renormalizes its output with running
+    statistics moved as techniques/bn_correction.py moves them, measured on the same chunk. That is a compress
+    run's batch-norm correction, per change, without copying the model or touching its buffers; close()
+    removes the hooks."""
+
+    def __init__(self, model: nn.Module):
+        from functools import partial
+        from .techniques.bn_correction import BatchNorm
+        self.model, self.mode, self.chunk, self.ref = model, None, 0, {}
+        self.handles = [m.register_forward_hook(partial(self._hook, name)) for name, m in model.named_modules()
+                        if isinstance(m, BatchNorm) and m.running_mean is not None]
+
+    def record(self, images: torch.Tensor) -> "CorrectedBatchNorms":
+        with torch.inference_mode():
+            for ci, i in enumerate(range(0, len(images), CHUNK)):
+                self.mode, self.chunk = "record", ci
+                self.model.eval()(images[i:i + CHUNK])
+        self.mode = None
+        return self
+
+    def _hook(self, name, m, inp, out):
+        if self.mode is None:
+            return None
+        from .techniques.bn_correction import _channel_stats, shifted_statistics
+        x = inp[0]
+        mean, var = _channel_stats(x)
+        if self.mode == "record":
+            self.ref[(self.chunk, name)] = (mean, var)
+            return None
+        ref = self.ref.get((self.chunk, name))
+        if ref is None:
+            return None
+        rm, rv = shifted_statistics(m, mean, var, *ref)
+        return torch.nn.functional.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), m.weight, m.bias, False, 0.0, m.eps)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 class SuffixEvaluator:
     """Accuracy of `model` on fixed normalized images, recomputing only what a change can affect.
 
     The model is traced once (torch.fx); one clean pass records, for every place a change may start (the
     first graph node calling one of the changed modules), the values that are still needed from there on.
     `accuracy(modules)` then runs the graph from that place. Without a trace, the whole model runs.
+    With `bn` (CorrectedBatchNorms that recorded the same images), every batch norm is corrected on each pass.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, starts: list[set[str]],
-                 budget: int = ACTIVATION_BUDGET):
-        self.model, self.labels = model, labels
+                 budget: int = ACTIVATION_BUDGET, bn: "CorrectedBatchNorms | None" = None):
+        self.model, self.labels, self.bn = model, labels, bn
         self.chunks = [images[i:i + CHUNK] for i in range(0, len(images), CHUNK)]
         self.gm, self.nodes, self.index = None, [], {}
         try:
@@ -228,6 +272,7 @@ class SuffixEvaluator:
         used, logits = 0, []
         live = {c: self._live(c) for c in cuts}
         for ci, x in enumerate(self.chunks):
+            self._bn_mode("shift", ci)
             if self.gm is None:
                 with torch.inference_mode():
                     logits.append(self.model(x))
@@ -243,8 +288,13 @@ class SuffixEvaluator:
                         logits.append(self._arg(node.args[0], env))
                         break
                     env[node] = self._execute(node, env, x)
+        self._bn_mode(None)
         # a chunk without a recording for a cut runs that setting's whole model (`logits`)
         return logits
+
+    def _bn_mode(self, mode, chunk: int = 0) -> None:
+        if self.bn is not None:
+            self.bn.mode, self.bn.chunk = mode, chunk
 
     def _arg(self, a, env):
         import torch.fx
@@ -272,6 +322,7 @@ class SuffixEvaluator:
         out = []
         with torch.inference_mode():
             for ci, x in enumerate(self.chunks):
+                self._bn_mode("shift", ci)
                 if self.gm is None:
                     out.append(self.model(x))
                     continue
@@ -287,6 +338,7 @@ class SuffixEvaluator:
                     for inp in node.all_input_nodes:   # free what nothing later reads
                         if self.last_use.get(inp) == i:
                             env.pop(inp, None)
+        self._bn_mode(None)
         return out
 
     def accuracy(self, modules: set[str]) -> float:

@@ -103,27 +103,36 @@ def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes
         assert abs(t["macs"] / tried[-1]["macs"] - 1) <= allocation.ALLOCATION_TOLERANCE, t
     # a changed rule of the search changes the key of these results only
     spec = get_technique("prune")
-    assert spec.key_parts(p) == {"rules": {"structured_allocation": 4}}
+    assert spec.key_parts(p) == {"rules": {"structured_allocation": 5}}
     assert spec.key_parts(spec.validate({"method": "structured"})) == {}
     assert spec.key_parts(spec.validate({"method": "unstructured", "allocation": "sensitivity"})) == {}
 
 
-def test_context_scan_moves_one_group_away_from_uniform_pruning(teacher, shapes):
+@pytest.mark.parametrize("bn_correction", [False, True])
+def test_context_scan_moves_one_group_away_from_uniform_pruning(teacher, shapes, bn_correction):
     """allocation.context_scan: the base is the uniformly pruned model, each row one group moved to another
-    ratio with every other group still pruned, as torch-pruning would prune them; the weights come back."""
+    ratio with every other group still pruned, as torch-pruning would prune them (and batch-norm correction
+    would correct them, on the images measured); the weights come back and no hook stays."""
+    from core.techniques import bn_correction as bnc
     model = copy.deepcopy(teacher.model).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = allocation.StructuredPlan(model)
     images, labels = sensitivity.scan_images(shapes, {"eval_size": 100, "split": "train"})
-    ctx = allocation.context_scan(model, images, labels, plan, 0.5, 8, settings=(0.25, 0.75))
+    ctx = allocation.context_scan(model, images, labels, plan, 0.5, 8, settings=(0.25, 0.75),
+                                  bn_correction=bn_correction)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
     assert ctx["settings"] == [0.25, 0.5, 0.75] and [r["name"] for r in ctx["layers"]] == plan.groups
     assert all(r["accuracy"]["0.5"] == ctx["baseline_accuracy"] for r in ctx["layers"])
 
     def real(moved=None):
         m = copy.deepcopy(teacher.model)
         mods = dict(m.named_modules())
+        saved = pruning._tag_channels(m)
         pruning.structured_prune(m, 0.5, channel_multiple=8, ratios={mods[g]: r for g, r in (moved or {}).items()})
+        kept = pruning._kept_channels_per_bn(m, saved)
+        if bn_correction:
+            assert bnc.correct_batch_norms(m, teacher.model, images, kept) > 0
         with torch.inference_mode():
             return m(images.contiguous()).argmax(1)
 

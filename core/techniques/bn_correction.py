@@ -98,12 +98,20 @@ def correct_batch_norms(model: nn.Module, reference: nn.Module | dict, images: t
             ref_mean, ref_var = ref_mean[channels[name]], ref_var[channels[name]]
         if ref_mean.shape != mean.shape:
             return
-        tiny = 1e-12   # a channel constant in both keeps its statistics
-        r = torch.sqrt((var + tiny) / (ref_var + tiny))
-        s = torch.sqrt(m.running_var.float() + m.eps) * r
-        m.running_mean.copy_(mean - (ref_mean - m.running_mean.float()) * r)
-        m.running_var.copy_((s * s - m.eps).clamp_min(0))
+        new_mean, new_var = shifted_statistics(m, mean, var, ref_mean, ref_var)
+        m.running_mean.copy_(new_mean)
+        m.running_var.copy_(new_var)
         done.add(name)
 
     _run_with_batch_norm_hook(model, images, hook)
     return len(done)
+
+
+def shifted_statistics(m: nn.Module, mean: torch.Tensor, var: torch.Tensor, ref_mean: torch.Tensor,
+                       ref_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch norm `m`'s running (mean, var) moved so that an input with per-channel `mean`, `var` is normalized
+    as the reference's input (`ref_mean`, `ref_var`) was (see correct_batch_norms)."""
+    tiny = 1e-12   # a channel constant in both keeps its statistics
+    r = torch.sqrt((var + tiny) / (ref_var + tiny))
+    s = torch.sqrt(m.running_var.float() + m.eps) * r
+    return mean - (ref_mean - m.running_mean.float()) * r, (s * s - m.eps).clamp_min(0)

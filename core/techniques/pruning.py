@@ -378,7 +378,8 @@ def _sensitivity_structured(model: nn.Module, ctx: Context, p: dict) -> tuple[nn
         if source not in curves:
             emit(ctx.progress, stage="prune", kind="message",
                  message=f"scanning each group around uniform pruning at {p['ratio']:g}")
-            curves[source] = allocation.context_scan(model, images, labels, plan, p["ratio"], p["channel_multiple"])
+            curves[source] = allocation.context_scan(model, images, labels, plan, p["ratio"], p["channel_multiple"],
+                                                     bn_correction=p["bn_correction"])
         kept, macs = allocation.allocate_structured(curves[source], plan, p["ratio"], p["channel_multiple"],
                                                     STRUCTURED_MAX_RATIO, shift)
         same = next((t for t in tried if t["kept"] == kept), None)
@@ -504,6 +505,6 @@ SPEC = register(TechniqueSpec(
     # 4: DenseNets exported for that timing as a running concatenation; 5: batch-norm correction;
     # 6: structured layers keep a multiple of channel_multiple (8) channels; 7: the nearest multiple
     version=7,
-    # structured allocation 2: candidates measured; 4: candidates from a scan around uniform pruning too
-    rule_versions=lambda p: ({"structured_allocation": 4}
+    # structured allocation 2: candidates measured; 5: candidates from a scan around uniform pruning too
+    rule_versions=lambda p: ({"structured_allocation": 5}
                              if p.get("allocation") == "sensitivity" and p.get("method") == "structured" else {})))
