@@ -161,7 +161,8 @@ def ratio_for_kept(channels: int, kept: int) -> float:
 
 class StructuredPlan:
     """MACs of a model as a function of the channels each torch-pruning group keeps (conv/linear layers:
-    MACs × kept out / out × kept in / in), for choosing per-group ratios that meet a global MACs target."""
+    MACs × kept out / out × kept in / in), for choosing per-group ratios that meet a global MACs target.
+    A layer's input may concatenate several groups (DenseNet): its kept fraction is theirs summed."""
 
     def __init__(self, model: nn.Module, input_size=(1, 3, 32, 32)):
         self.dg, found = structured_groups(model)
@@ -182,8 +183,9 @@ class StructuredPlan:
                     out_of[names[m]] = rep
                     self.members[rep].append(names[m])
                 elif self.dg.is_in_channel_pruning_fn(dep.handler):
-                    in_of[names[m]] = rep
-        self.layers = [(n, counts[n]["macs"], out_of.get(n), in_of.get(n)) for n, _ in scan_layers(model)]
+                    in_of.setdefault(names[m], []).append(rep)
+        self.layers = [(n, counts[n]["macs"], out_of.get(n), tuple(dict.fromkeys(in_of.get(n, ()))))
+                       for n, _ in scan_layers(model)]
         self.modules = {rep: dict(model.named_modules())[rep] for rep in self.groups}
 
     def macs(self, kept: dict[str, int]) -> float:
@@ -192,8 +194,8 @@ class StructuredPlan:
             f = 1.0
             if g_out is not None:
                 f *= kept[g_out] / self.channels[g_out]
-            if g_in is not None:
-                f *= kept[g_in] / self.channels[g_in]
+            if g_in:
+                f *= sum(kept[g] for g in g_in) / sum(self.channels[g] for g in g_in)
             total += macs * f
         return total
 
@@ -201,8 +203,14 @@ class StructuredPlan:
         return {g: kept_channels(self.channels[g], ratio, multiple) for g in self.groups}
 
     def weight(self, group: str) -> float:
-        """MACs of the layers a group's channels feed or come from (full width)."""
-        return sum(macs for _, macs, g_out, g_in in self.layers if group in (g_out, g_in))
+        """MACs of the layers a group's channels come from, and its share of those they feed (full width)."""
+        total = 0.0
+        for _, macs, g_out, g_in in self.layers:
+            if group == g_out:
+                total += macs
+            if group in g_in:
+                total += macs * self.channels[group] / sum(self.channels[g] for g in g_in)
+        return total
 
 
 def allocate_structured(result: dict, plan: StructuredPlan, ratio: float, multiple: int,

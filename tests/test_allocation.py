@@ -108,6 +108,26 @@ def test_structured_allocation_keeps_the_best_measured_candidate(teacher, shapes
     assert spec.key_parts(spec.validate({"method": "unstructured", "allocation": "sensitivity"})) == {}
 
 
+@pytest.mark.parametrize("arch", ["resnet34", "densenet121", "vgg16_bn"])
+def test_the_plan_counts_the_macs_of_the_pruned_model(arch):
+    """StructuredPlan.macs, which the allocation meets its target with, is the conv/linear MACs of the model
+    torch-pruning makes, also where a layer's input concatenates many groups (DenseNet)."""
+    from core.models import build_model
+    torch.manual_seed(0)
+    model = build_model(arch, 10).eval()
+    plan = allocation.StructuredPlan(model)
+    gen = torch.Generator().manual_seed(1)
+    kept = {}
+    for g in plan.groups:   # a different ratio per group, 0.1 to 0.8, kept a multiple of 8 as the lab prunes
+        r = 0.1 + 0.7 * float(torch.rand(1, generator=gen))
+        kept[g] = allocation.kept_channels(plan.channels[g], r, 8)
+    mods = dict(model.named_modules())
+    pruning.structured_prune(model, 0.5, channel_multiple=8,
+                             ratios={mods[g]: allocation.ratio_for_kept(plan.channels[g], k) for g, k in kept.items()})
+    real = sum(c["macs"] for c in sensitivity.layer_counts(model).values())
+    assert plan.macs(kept) == pytest.approx(real, rel=0.01), (plan.macs(kept), real)
+
+
 @pytest.mark.parametrize("bn_correction", [False, True])
 def test_context_scan_moves_one_group_away_from_uniform_pruning(teacher, shapes, bn_correction):
     """allocation.context_scan: the base is the uniformly pruned model, each row one group moved to another
