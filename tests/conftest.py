@@ -20,6 +20,8 @@ SLOW_TESTS = {
     "test_allocation.py::test_int8_keeps_the_most_fragile_layers_in_fp32",
     "test_allocation.py::test_mixed_precision_meets_the_average_bits_and_loads_back",
     "test_allocation.py::test_structured_allocation_meets_the_macs_target",
+    "test_allocation.py::test_int8_falls_back_to_the_architectures_fp32_layers_after_the_scans",
+    "test_allocation.py::test_structured_allocation_keeps_the_best_measured_candidate",
     "test_allocation.py::test_unstructured_allocation_zeroes_as_many_weights",
     "test_app.py::test_pipeline_page_adds_a_step_runs_and_draws_every_step",
     "test_app.py::test_pruning_slider_change_and_distillation_run",

@@ -257,6 +257,7 @@ def test_int8_keeps_the_most_fragile_layers_in_fp32(teacher, shapes, monkeypatch
     from core import layers
     from core.techniques import quant_ort, quantization
     monkeypatch.setattr(quantization, "SENSITIVE_FP32_COUNTS", (2,))   # exactly two, whatever they agree
+    monkeypatch.setattr(quantization, "AUTO_MIN_AGREEMENT", 0.0)
     written = []   # the graph ONNX Runtime quantized, before it is stored without node names
     store = quant_ort.store_weights_int8
     monkeypatch.setattr(quant_ort, "store_weights_int8", lambda model, kept: (written.append(copy.deepcopy(model)),
@@ -277,3 +278,21 @@ def test_int8_keeps_the_most_fragile_layers_in_fp32(teacher, shapes, monkeypatch
     assert set(nodes) - in_int8 == set(kept) | {"fc"}   # an int8 layer's output is quantized for the next one
     rows = layers.layer_table(None, teacher.model, int8=out.extra)
     assert {r["name"] for r in rows if r["bits"] == 32} == set(kept) | {"fc"}
+
+
+def test_int8_falls_back_to_the_architectures_fp32_layers_after_the_scans(teacher, shapes, monkeypatch):
+    """When none of the scan's choices agrees with fp32 well enough, the architecture's own candidates
+    (ModelSpec.int8_fp32_layers) are tried too and the most faithful of all is kept."""
+    from core.models import get_spec
+    from core.techniques import quantization
+    monkeypatch.setattr(quantization, "SENSITIVE_FP32_COUNTS", (1,))
+    monkeypatch.setattr(quantization, "AUTO_MIN_AGREEMENT", 1.01)   # nothing is good enough: every one is tried
+    _, out = _apply(teacher, shapes, "quantize", mode="int8", allocation="sensitivity", calibration_images=64)
+    tried = out.extra["fp32_layers_agreement"]
+    assert list(tried) == ["classifier+1 most fragile", *get_spec("resnet34").int8_fp32_layers]
+    best = max(reversed(list(tried)), key=tried.get)
+    assert out.extra["calibration_argmax_agreement"] == tried[best]
+    if best in get_spec("resnet34").int8_fp32_layers:
+        assert out.extra["fp32_layers"] == best and "fp32_layer_names" not in out.extra
+    else:
+        assert out.extra["fp32_layers"] == "sensitivity" and len(out.extra["fp32_layer_names"]) == 1
