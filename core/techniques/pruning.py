@@ -54,8 +54,8 @@ PARAMS = [
     ParamSpec("allocation", "choice", "uniform", choices=("uniform", "sensitivity"),
               help="uniform: every layer loses `ratio`; sensitivity: per-layer ratios chosen from the sensitivity "
                    "scan (core/sensitivity.py, on 500 training images) for the same total: the MACs of uniform "
-                   "structured pruning (within 3%), or the weights uniform unstructured pruning zeroes; "
-                   "docs/sensitivity.md"),
+                   "structured pruning (within 3%; the most accurate of several measured candidates, uniform "
+                   "included), or the weights uniform unstructured pruning zeroes; docs/sensitivity.md"),
 ]
 
 

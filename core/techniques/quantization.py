@@ -89,7 +89,7 @@ PARAMS = [
                    "edges+2x2+pooled whose int8 model agrees with fp32 on at least 90% of the calibration "
                    "images (else the one that agrees most; measured, docs/bench_quantization.md); sensitivity: "
                    "the classifier and the 0, 1, 2, 4 or 8 layers the sensitivity scan finds most fragile, the "
-                   "fewest that agree as well (docs/sensitivity.md)"),
+                   "fewest that agree as well, then auto's candidates (docs/sensitivity.md)"),
     ParamSpec("weight_range", "choice", "auto", choices=("auto", "8bit", "7bit"),
               help="int8 mode: weights on the full int8 grid (8bit) or on 7 bits (ONNX Runtime's reduce_range). "
                    "CPUs without VNNI (AVX2, or AVX-512 without VNNI) add int8 products in pairs in 16 bits, "
