@@ -1,7 +1,9 @@
 """Sensitivity allocation: per-layer pruning ratios or bit widths chosen from the sensitivity scan
 (core/sensitivity.py) to meet the same global target as uniform settings: the MACs of uniform structured
 pruning, the weights uniform unstructured pruning zeroes, an average number of bits. The scan's
-single-layer losses are added up as if independent; docs/sensitivity.md has what that gets right and wrong.
+single-layer losses are added up as if independent; for structured pruning a scan around uniform pruning
+(context_scan) measures them in the company of the other cuts, and the pruner measures the candidates of
+both (techniques/pruning.py SEARCH). docs/sensitivity.md has what each gets right and wrong.
 """
 from __future__ import annotations
 
