@@ -191,7 +191,8 @@ class CorrectedBatchNorms:
 
     def __init__(self, model: nn.Module):
         from functools import partial
-        from .techniques.bn_correction import BatchNorm
+        from .techniques.bn_correction import BatchNorm, _channel_stats, shifted_statistics
+        self.stats, self.shifted = _channel_stats, shifted_statistics   # imported once, not per batch-norm call
         self.model, self.mode, self.chunk, self.ref = model, None, 0, {}
         self.handles = [m.register_forward_hook(partial(self._hook, name)) for name, m in model.named_modules()
                         if isinstance(m, BatchNorm) and m.running_mean is not None]
@@ -207,16 +208,15 @@ class CorrectedBatchNorms:
     def _hook(self, name, m, inp, out):
         if self.mode is None:
             return None
-        from .techniques.bn_correction import _channel_stats, shifted_statistics
         x = inp[0]
-        mean, var = _channel_stats(x)
+        mean, var = self.stats(x)
         if self.mode == "record":
             self.ref[(self.chunk, name)] = (mean, var)
             return None
         ref = self.ref.get((self.chunk, name))
         if ref is None:
             return None
-        rm, rv = shifted_statistics(m, mean, var, *ref)
+        rm, rv = self.shifted(m, mean, var, *ref)
         return torch.nn.functional.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), m.weight, m.bias, False, 0.0, m.eps)
 
     def close(self) -> None:

@@ -506,5 +506,6 @@ SPEC = register(TechniqueSpec(
     # 6: structured layers keep a multiple of channel_multiple (8) channels; 7: the nearest multiple
     version=7,
     # structured allocation 2: candidates measured; 5: candidates from a scan around uniform pruning too
+    # (3 and 4: experiments that never shipped, whose results may sit in a developer's cache)
     rule_versions=lambda p: ({"structured_allocation": 5}
                              if p.get("allocation") == "sensitivity" and p.get("method") == "structured" else {})))
